@@ -6,7 +6,8 @@ no environment variable hides them. We point file descriptor 2 at /dev/null for 
 device discovery only; Python exceptions still propagate. Later C++ logs obey
 TF_CPP_MIN_LOG_LEVEL, which we default to 2 (errors only).
 
-A user who imported TensorFlow first, or set TF_CPP_MIN_LOG_LEVEL, has chosen: we change nothing.
+A user who imported TensorFlow first, or asked for its INFO logs with TF_CPP_MIN_LOG_LEVEL=0, has
+chosen: we change nothing. (Any other level already excludes these INFO lines.)
 """
 
 import os
@@ -14,11 +15,11 @@ import sys
 
 
 def _import_tensorflow_quietly():
-    if "tensorflow" in sys.modules or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
         import tensorflow  # noqa: F401
 
         return
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)

@@ -13,7 +13,9 @@ Moments in one pass, shifted. The textbook E[x²]−E[x]² loses every digit whe
 μ = 1e4, σ = 0.1 in float32 it returns noise). With a per-channel reference value k taken from
 the data (the channel's first sample), S1 = Σ(x−k) and S2 = Σ(x−k)² give μ = k + S1/m and
 σ² = S2/m − (S1/m)², where the cancellation is only of size (μ−k)²/σ², a few units. XLA fuses
-both sums into a single read of x.
+both sums into a single read of x. Nor is μ itself formed on the way to y: rounded to float32,
+μ = 1e4 is off by up to 5e-4, which is 5e-3 in x̂ when σ = 0.1. The kernel uses
+x − μ = (x − k) − δ with δ = S1/m, where x − k is exact (k is within a factor 2 of x).
 
 Backward, the paper's chain rule in closed form, with g = ∂ℓ/∂y and x̂ = (x−μ)/√(σ²+ε):
 
@@ -85,13 +87,21 @@ def shifted_sums(x, shift, reduction_axes, weights=None):
     )
 
 
-def moments_from_sums(shift, count, sum_shifted, sum_sq_shifted):
-    """Mean and biased variance from shifted sums. A channel with count 0 gets NaN moments."""
+def centered_moments(count, sum_shifted, sum_sq_shifted):
+    """(δ, σ²): the mean relative to the shift, δ = μ − k, and the biased variance.
+
+    A channel with count 0 gets NaN moments.
+    """
     shifted_mean = sum_shifted / count
-    mean = shift + shifted_mean
     # Rounding can leave a tiny negative difference for a constant channel; a variance is >= 0.
     variance = tf.maximum(sum_sq_shifted / count - tf.square(shifted_mean), 0.0)
-    return mean, variance
+    return shifted_mean, variance
+
+
+def moments_from_sums(shift, count, sum_shifted, sum_sq_shifted):
+    """Mean and biased variance from shifted sums. A channel with count 0 gets NaN moments."""
+    shifted_mean, variance = centered_moments(count, sum_shifted, sum_sq_shifted)
+    return shift + shifted_mean, variance
 
 
 def batch_moments(x, reduction_axes, weights=None):
@@ -115,20 +125,36 @@ def inference_affine(gamma, beta, mean, variance, epsilon):
     return scale, beta - mean * scale
 
 
-def gradient_sums(dy, x, mean, inv_std, reduction_axes):
-    """Per-channel (Σg, Σg·x̂) = (∂ℓ/∂β, ∂ℓ/∂γ): the sums the backward pass needs."""
+def normalized(x, mean, inv_std, shift=0.0):
+    """x̂ = ((x − shift) − mean)·inv_std in float32, where `mean` is relative to `shift`.
+
+    Passing the reference value as `shift` and δ as `mean` keeps the digits a rounded μ loses.
+    """
+    return ((_as_statistics_dtype(x) - shift) - mean) * inv_std
+
+
+def gradient_sums(dy, x, mean, inv_std, reduction_axes, *, shift=0.0):
+    """Per-channel (Σg, Σg·x̂) = (∂ℓ/∂β, ∂ℓ/∂γ): the sums the backward pass needs.
+
+    `mean` is relative to `shift` (see `normalized`).
+    """
     g = _as_statistics_dtype(dy)
-    x_hat = (_as_statistics_dtype(x) - mean) * inv_std
+    x_hat = normalized(x, mean, inv_std, shift)
     return (
         tf.reduce_sum(g, reduction_axes, keepdims=True),
         tf.reduce_sum(g * x_hat, reduction_axes, keepdims=True),
     )
 
 
-def input_gradient(dy, x, gamma, mean, inv_std, count, sum_g, sum_g_xhat, weights=None):
-    """∂ℓ/∂x = γ/√(σ²+ε) · (g − w·(Σg + x̂·Σg·x̂)/m), in x's dtype."""
+def input_gradient(
+    dy, x, gamma, mean, inv_std, count, sum_g, sum_g_xhat, weights=None, *, shift=0.0
+):
+    """∂ℓ/∂x = γ/√(σ²+ε) · (g − w·(Σg + x̂·Σg·x̂)/m), in x's dtype.
+
+    `mean` is relative to `shift` (see `normalized`).
+    """
     g = _as_statistics_dtype(dy)
-    x_hat = (_as_statistics_dtype(x) - mean) * inv_std
+    x_hat = normalized(x, mean, inv_std, shift)
     correction = (sum_g + x_hat * sum_g_xhat) / count
     if weights is not None:
         correction = _as_statistics_dtype(weights) * correction
@@ -136,24 +162,39 @@ def input_gradient(dy, x, gamma, mean, inv_std, count, sum_g, sum_g_xhat, weight
 
 
 def _training_forward(x, gamma, beta, weights, *, reduction_axes, epsilon):
-    mean, variance, count = batch_moments(x, reduction_axes, weights)
+    x32 = _as_statistics_dtype(x)
+    if weights is not None:
+        weights = _as_statistics_dtype(weights)
+    shift = reference_value(x32, reduction_axes, weights)
+    count = value_count(x32, reduction_axes, weights)
+    shifted_mean, variance = centered_moments(
+        count, *shifted_sums(x32, shift, reduction_axes, weights)
+    )
     inv_std = inverse_std(variance, epsilon)
-    # (x−μ)·s + β rather than x·s + t: when |μ| ≫ σ, x·s and t are huge and cancel.
-    y = (_as_statistics_dtype(x) - mean) * (gamma * inv_std) + beta
-    return tf.cast(y, x.dtype), mean, variance, count
+    # x̂·γ + β rather than x·s + t: when |μ| ≫ σ, x·s and t are huge and cancel.
+    y = normalized(x32, shifted_mean, inv_std, shift) * gamma + beta
+    return tf.cast(y, x.dtype), shift, shifted_mean, variance, count
 
 
-def _training_backward(dy, x, gamma, mean, variance, count, weights, *, reduction_axes, epsilon):
+def _training_backward(
+    dy, x, gamma, shift, shifted_mean, variance, count, weights, *, reduction_axes, epsilon
+):
     inv_std = inverse_std(variance, epsilon)
-    sum_g, sum_g_xhat = gradient_sums(dy, x, mean, inv_std, reduction_axes)
-    dx = input_gradient(dy, x, gamma, mean, inv_std, count, sum_g, sum_g_xhat, weights)
+    sum_g, sum_g_xhat = gradient_sums(
+        dy, x, shifted_mean, inv_std, reduction_axes, shift=shift
+    )
+    dx = input_gradient(
+        dy, x, gamma, shifted_mean, inv_std, count, sum_g, sum_g_xhat, weights, shift=shift
+    )
     return dx, sum_g_xhat, sum_g
 
 
 # One XLA cluster each for the forward and the backward pass, whether or not the caller's
 # model is compiled with XLA (a nested jit function is inlined into an enclosing XLA cluster).
-_compiled_forward = tf.function(_training_forward, jit_compile=True, reduce_retracing=True)
-_compiled_backward = tf.function(_training_backward, jit_compile=True, reduce_retracing=True)
+# No reduce_retracing: it relaxes shapes of different ranks to an unknown rank, and XLA compiles
+# per concrete shape anyway, so relaxed traces would save nothing.
+_compiled_forward = tf.function(_training_forward, jit_compile=True)
+_compiled_backward = tf.function(_training_backward, jit_compile=True)
 
 
 def fused_batch_norm(x, gamma, beta, *, reduction_axes, epsilon, weights=None):
@@ -176,17 +217,17 @@ def fused_batch_norm(x, gamma, beta, *, reduction_axes, epsilon, weights=None):
 
     @tf.custom_gradient
     def _batch_norm(x, gamma, beta):
-        y, mean, variance, count = _compiled_forward(
+        y, shift, shifted_mean, variance, count = _compiled_forward(
             x, gamma, beta, weights, reduction_axes=reduction_axes, epsilon=epsilon
         )
 
         def grad(dy, *_unused_statistics_grads):
             return _compiled_backward(
-                dy, x, gamma, mean, variance, count, weights,
+                dy, x, gamma, shift, shifted_mean, variance, count, weights,
                 reduction_axes=reduction_axes, epsilon=epsilon,
             )
 
-        return (y, mean, variance, count), grad
+        return (y, shift + shifted_mean, variance, count), grad
 
     y, mean, variance, count = _batch_norm(x, gamma, beta)
     return y, tf.stop_gradient(mean), tf.stop_gradient(variance), tf.stop_gradient(count)

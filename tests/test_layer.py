@@ -1,0 +1,408 @@
+"""`kerasbn.BatchNormalization`: statistics, Keras parity, modes, errors, dtypes, serialization."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given
+from hypothesis import strategies as st
+
+import kerasbn
+from tests import reference
+
+
+def _batches(rng, count, shape, location=2.0, scale=3.0, sizes=None):
+    sizes = sizes or [shape[0]] * count
+    return [
+        (location + scale * rng.standard_normal((n,) + tuple(shape[1:]))).astype(np.float32)
+        for n in sizes
+    ]
+
+
+def _train_on(layer, batches):
+    for x in batches:
+        layer(x, training=True)
+
+
+# --- inference statistics, against the float64 reference --------------------------------
+
+
+@pytest.mark.parametrize("unbiased_variance", [True, False])
+@pytest.mark.parametrize("shape,axis", [((6, 4), -1), ((4, 3, 5, 2), -1), ((4, 2, 3, 5), 1)])
+def test_moving_average_statistics_match_reference(rng, shape, axis, unbiased_variance):
+    momentum = 0.8
+    layer = kerasbn.BatchNormalization(
+        axis=axis, momentum=momentum, unbiased_variance=unbiased_variance
+    )
+    batches = _batches(rng, 4, shape)
+    _train_on(layer, batches)
+
+    axes = (axis % len(shape),)
+    ref_mean, ref_var = np.zeros(shape[axes[0]]), np.ones(shape[axes[0]])
+    for x in batches:
+        mean, var, m = reference.moments(x, axes)
+        if unbiased_variance:
+            var = reference.unbiased(var, m)
+        ref_mean = momentum * ref_mean + (1 - momentum) * mean.reshape(-1)
+        ref_var = momentum * ref_var + (1 - momentum) * var.reshape(-1)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), ref_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), ref_var, rtol=1e-5)
+    assert int(layer.skipped_updates.numpy()) == 0
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 5), -1), ((4, 3, 3, 2), -1), ((3, 2, 4, 4, 3), 1)])
+def test_population_mode_is_the_papers_algorithm_2(rng, shape, axis):
+    """Equal batch sizes: mean = E_B[μ_B], variance = m/(m−1)·E_B[σ²_B], m = N·H·W."""
+    layer = kerasbn.BatchNormalization(axis=axis, statistics="population")
+    batches = _batches(rng, 5, shape)
+    _train_on(layer, batches)
+    axes = (axis % len(shape),)
+    stats = [reference.moments(x, axes) for x in batches]
+    m = stats[0][2].reshape(-1)[0]
+    assert m == np.prod(shape) / shape[axes[0]]
+    ref_mean = np.mean([s[0].reshape(-1) for s in stats], axis=0)
+    ref_var = m / (m - 1) * np.mean([s[1].reshape(-1) for s in stats], axis=0)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), ref_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), ref_var, rtol=1e-5)
+
+
+def test_population_mode_weights_unequal_batches_by_their_values(rng):
+    """Documented rule: mean = Σ m_B μ_B / Σ m_B, variance = Σ m_B σ²_B / Σ (m_B − 1)."""
+    layer = kerasbn.BatchNormalization(statistics="population")
+    batches = _batches(rng, 3, (0, 3), sizes=[16, 16, 3])
+    _train_on(layer, batches)
+    stats = [reference.moments(x, (1,)) for x in batches]
+    sizes = np.array([len(x) for x in batches], np.float64)[:, None]
+    means = np.array([s[0].reshape(-1) for s in stats])
+    variances = np.array([s[1].reshape(-1) for s in stats])
+    ref_mean = (sizes * means).sum(0) / sizes.sum()
+    ref_var = (sizes * variances).sum(0) / (sizes - 1).sum()
+    np.testing.assert_allclose(layer.moving_mean.numpy(), ref_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), ref_var, rtol=1e-5)
+    np.testing.assert_allclose(layer.population_count.numpy(), [35.0] * 3)
+    np.testing.assert_allclose(layer.population_dof.numpy(), [32.0] * 3)
+
+
+def test_reset_statistics_starts_a_new_population_estimate(rng):
+    layer = kerasbn.BatchNormalization(statistics="population")
+    _train_on(layer, _batches(rng, 3, (8, 4), location=50.0))
+    layer.reset_statistics()
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), np.zeros(4))
+    np.testing.assert_array_equal(layer.moving_variance.numpy(), np.ones(4))
+    second = _batches(rng, 2, (8, 4), location=-3.0)
+    _train_on(layer, second)
+    stats = [reference.moments(x, (1,)) for x in second]
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), np.mean([s[0].reshape(-1) for s in stats], 0), rtol=1e-5
+    )
+
+
+def test_inference_uses_stored_statistics(rng):
+    layer = kerasbn.BatchNormalization(axis=1, epsilon=1e-2)
+    layer.build((None, 3, 4))
+    gamma, beta = rng.uniform(0.5, 2, 3), rng.standard_normal(3)
+    mean, var = rng.standard_normal(3), rng.uniform(0.5, 2, 3)
+    for variable, value in zip(layer.weights[:4], (gamma, beta, mean, var), strict=True):
+        variable.assign(value)
+    x = rng.standard_normal((5, 3, 4)).astype(np.float32)
+    np.testing.assert_allclose(
+        layer(x, training=False).numpy(),
+        reference.inference(x, gamma, beta, mean, var, (1,), 1e-2),
+        rtol=1e-5, atol=1e-5,
+    )
+
+
+@given(
+    st.sampled_from([((4, 6), (1,)), ((3, 4, 5), (1, 2)), ((2, 3, 4, 5), (1, 3)),
+                     ((2, 3, 2, 2, 4), (4,)), ((3, 4, 2, 2), (-3, -1))]),
+    st.integers(0, 2**31 - 1),
+)
+def test_tuple_axes_forward_matches_reference(case, seed):
+    shape, axis = case
+    rng = np.random.default_rng(seed)
+    axes = tuple(sorted(a % len(shape) for a in axis))
+    x = (1.0 + 2.0 * rng.standard_normal(shape)).astype(np.float32)
+    layer = kerasbn.BatchNormalization(axis=axis, momentum=0.0)
+    y = layer(x, training=True).numpy()
+    channel_shape = tuple(shape[a] for a in axes)
+    assert tuple(layer.gamma.shape) == channel_shape
+    ref_y, ref_mean, ref_var, m = reference.forward(
+        x, np.ones(channel_shape), np.zeros(channel_shape), axes, 1e-3
+    )
+    np.testing.assert_allclose(y, ref_y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), ref_mean.reshape(channel_shape),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(),
+                               reference.unbiased(ref_var, m).reshape(channel_shape), rtol=1e-5)
+
+
+# --- parity with keras.layers.BatchNormalization -----------------------------------------
+
+
+def _pair(**kwargs):
+    ours = kerasbn.BatchNormalization(unbiased_variance=False, **kwargs)
+    theirs = keras.layers.BatchNormalization(**kwargs)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("shape,axis", [((16, 7), -1), ((4, 5, 5, 3), -1), ((4, 3, 6), 1),
+                                        ((2, 3, 4, 4, 2), -1)])
+def test_matches_keras_batch_normalization(rng, shape, axis):
+    """Outputs, gradients and moving statistics to 1e-6, training and inference."""
+    ours, theirs = _pair(axis=axis, momentum=0.7, epsilon=1e-3)
+    upstream = tf.constant(rng.standard_normal(shape), tf.float32)
+    for step in range(3):
+        x = tf.constant(_batches(rng, 1, shape, location=step)[0])
+        results = []
+        for layer in (ours, theirs):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(y * upstream)
+            grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+            results.append((y.numpy(), *(g.numpy() for g in grads)))
+        for ours_value, keras_value in zip(*results, strict=True):
+            np.testing.assert_allclose(ours_value, keras_value, rtol=1e-6, atol=1e-6 * max(
+                1.0, np.max(np.abs(keras_value))))
+        for name in ("moving_mean", "moving_variance"):
+            np.testing.assert_allclose(
+                getattr(ours, name).numpy(), getattr(theirs, name).numpy(), rtol=1e-6, atol=1e-6
+            )
+    np.testing.assert_allclose(ours(x).numpy(), theirs(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_masked_statistics_match_keras(rng):
+    ours, theirs = _pair(momentum=0.5)
+    x = rng.standard_normal((4, 6, 3)).astype(np.float32) * 2 + 1
+    mask = rng.uniform(size=(4, 6)) < 0.5
+    mask[0, :2] = True
+    y_ours = ours(x, training=True, mask=tf.constant(mask))
+    y_keras = theirs(x, training=True, mask=tf.constant(mask))
+    np.testing.assert_allclose(y_ours.numpy(), y_keras.numpy(), rtol=1e-5, atol=1e-5)
+    mean, var, _ = reference.moments(x, (2,), mask[..., None])
+    np.testing.assert_allclose(ours.moving_mean.numpy(), 0.5 * mean.reshape(-1), rtol=1e-5)
+    np.testing.assert_allclose(
+        ours.moving_variance.numpy(), 0.5 + 0.5 * var.reshape(-1), rtol=1e-5
+    )
+
+
+def test_keras_weights_load_into_our_layer(tmp_path, rng):
+    """Same names and order: a Keras BN model's weights file loads into the kerasbn model."""
+    def model_with(bn):
+        return keras.Sequential([keras.Input((5,)), keras.layers.Dense(4), bn])
+
+    theirs = model_with(keras.layers.BatchNormalization())
+    for variable in theirs.layers[-1].weights:
+        variable.assign(rng.uniform(0.5, 2.0, variable.shape))
+    path = str(tmp_path / "keras_bn.weights.h5")
+    theirs.save_weights(path)
+    ours = model_with(kerasbn.BatchNormalization())
+    ours.load_weights(path)
+    assert [v.name for v in ours.layers[-1].weights[:4]] == [
+        "gamma", "beta", "moving_mean", "moving_variance"
+    ]
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    np.testing.assert_allclose(ours(x).numpy(), theirs(x).numpy(), rtol=1e-6)
+
+    # And the in-memory route, both ways.
+    layer = kerasbn.BatchNormalization()
+    layer.build((None, 4))
+    layer.set_weights(theirs.layers[-1].get_weights())
+    keras_layer = keras.layers.BatchNormalization()
+    keras_layer.build((None, 4))
+    keras_layer.set_weights(layer.get_weights()[:4])
+    np.testing.assert_allclose(keras_layer.moving_mean.numpy(), layer.moving_mean.numpy())
+
+
+def test_keras_config_constructs_our_layer():
+    config = keras.layers.BatchNormalization(axis=1, momentum=0.9).get_config()
+    layer = kerasbn.BatchNormalization.from_config(config)
+    assert (layer.axis, layer.momentum) == (1, 0.9)
+
+
+# --- Keras conventions ---------------------------------------------------------------------
+
+
+def test_trainable_false_means_inference_mode(rng):
+    layer = kerasbn.BatchNormalization()
+    x = _batches(rng, 1, (8, 3))[0]
+    layer(x, training=True)
+    frozen = [w.numpy().copy() for w in layer.weights]
+    layer.trainable = False
+    y = layer(x, training=True)
+    for before, after in zip(frozen, layer.weights, strict=True):
+        np.testing.assert_array_equal(before, after.numpy())
+    np.testing.assert_allclose(y.numpy(), layer(x, training=False).numpy())
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_model_trains_with_and_without_jit_compile(rng, jit_compile):
+    x = rng.standard_normal((64, 6, 6, 2)).astype(np.float32) * 3 + 5
+    y = (x.mean(axis=(1, 2, 3)) > 5).astype(np.float32)
+    model = keras.Sequential([
+        keras.Input((6, 6, 2)),
+        keras.layers.Conv2D(4, 3, use_bias=False),
+        kerasbn.BatchNormalization(),
+        keras.layers.ReLU(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(1, activation="sigmoid"),
+    ])
+    model.compile("adam", "binary_crossentropy", jit_compile=jit_compile)
+    bn = model.layers[1]
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert np.all(bn.moving_mean.numpy() != 0.0)
+    assert int(bn.skipped_updates.numpy()) == 0
+
+
+@pytest.mark.parametrize("policy,dtype", [("mixed_float16", "float16"),
+                                          ("mixed_bfloat16", "bfloat16")])
+def test_mixed_precision_keeps_statistics_in_float32(rng, policy, dtype):
+    keras.mixed_precision.set_global_policy(policy)
+    layer = kerasbn.BatchNormalization(momentum=0.0)
+    x = tf.constant(300.0 + 20.0 * rng.standard_normal((64, 4, 4, 3)), dtype)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+        loss = tf.reduce_sum(tf.cast(y, "float32") ** 2)
+    dx = tape.gradient(loss, x)
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert layer.moving_mean.dtype == "float32"
+    # float16 would overflow Σx² (300² · 16 ≫ 65504): statistics must be finite and right.
+    ref_mean, ref_var, m = reference.moments(tf.cast(x, "float32").numpy(), (3,))
+    np.testing.assert_allclose(layer.moving_mean.numpy(), ref_mean.reshape(-1), rtol=1e-5)
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(), reference.unbiased(ref_var, m).reshape(-1), rtol=1e-4
+    )
+    assert np.all(np.isfinite(tf.cast(y, "float32").numpy()))
+    assert np.all(np.isfinite(tf.cast(dx, "float32").numpy()))
+    assert np.all(np.isfinite(tf.cast(layer(x), "float32").numpy()))
+
+
+def test_large_mean_small_std_statistics(rng):
+    layer = kerasbn.BatchNormalization(momentum=0.0)
+    x = (1e4 + 0.1 * rng.standard_normal((32, 5, 5, 4))).astype(np.float32)
+    layer(x, training=True)
+    _, var, m = reference.moments(x, (3,))
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(), reference.unbiased(var, m).reshape(-1), rtol=1e-3
+    )
+
+
+# --- what cannot be learned from a batch ------------------------------------------------
+
+
+def test_non_finite_batch_leaves_statistics_and_counts(rng):
+    for statistics in ("moving_average", "population"):
+        layer = kerasbn.BatchNormalization(statistics=statistics)
+        _train_on(layer, _batches(rng, 2, (8, 3)))
+        before = [w.numpy().copy() for w in (layer.moving_mean, layer.moving_variance)]
+        x = _batches(rng, 1, (8, 3))[0]
+        x[3, 1] = np.nan
+        layer(x, training=True)
+        x[3, 1] = np.inf
+        layer(x, training=True)
+        assert int(layer.skipped_updates.numpy()) == 2
+        for value, variable in zip(before, (layer.moving_mean, layer.moving_variance),
+                                   strict=True):
+            np.testing.assert_array_equal(value, variable.numpy())
+
+
+def test_static_single_value_batch_is_refused():
+    layer = kerasbn.BatchNormalization()
+    with pytest.raises(ValueError, match=r"m = 1.*Received: inputs.shape=\(1, 4\)"):
+        layer(np.ones((1, 4), np.float32), training=True)
+
+
+def test_runtime_single_value_batch_writes_no_nan():
+    """m = 1 known only at run time: the unbiased update is skipped and counted, never NaN."""
+    layer = kerasbn.BatchNormalization()
+    layer.build((None, 4))
+    step = tf.function(lambda x: layer(x, training=True),
+                       input_signature=[tf.TensorSpec((None, 4), tf.float32)])
+    step(tf.ones((1, 4)))
+    assert int(layer.skipped_updates.numpy()) == 1
+    np.testing.assert_array_equal(layer.moving_variance.numpy(), np.ones(4))
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), np.zeros(4))
+
+
+# --- bad arguments --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"statistics": "ema"}, r"Received: statistics='ema'"),
+    ({"epsilon": -1e-3}, r"Received: epsilon=-0.001"),
+    ({"momentum": 1.5}, r"Received: momentum=1.5"),
+    ({"momentum": -0.1}, r"Received: momentum=-0.1"),
+    ({"axis": ()}, r"Received: axis=\(\)"),
+    ({"renorm": True}, r"Received: renorm=True"),
+])
+def test_bad_constructor_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        kerasbn.BatchNormalization(**kwargs)
+
+
+def test_axis_of_wrong_type():
+    with pytest.raises(TypeError, match=r"Received: axis='channels'"):
+        kerasbn.BatchNormalization(axis="channels")
+
+
+@pytest.mark.parametrize("axis,shape,message", [
+    (5, (None, 3, 4), r"out of range.*Received: axis=5"),
+    (-4, (None, 3, 4), r"out of range.*Received: axis=-4"),
+    ((1, -2), (None, 3, 4), r"same axis twice.*Received: axis=\(1, -2\)"),
+    (-1, (None,), r"rank >= 2.*Received: input_shape=\(None,\)"),
+    (1, (None, None, 4), r"unknown size.*Received: input_shape=\(None, None, 4\), axis=1"),
+])
+def test_bad_axis_for_input_is_refused_at_build(axis, shape, message):
+    layer = kerasbn.BatchNormalization(axis=axis)
+    with pytest.raises(ValueError, match=message):
+        layer.build(shape)
+    assert not layer.weights
+
+
+# --- serialization --------------------------------------------------------------------------
+
+
+def test_config_round_trip():
+    layer = kerasbn.BatchNormalization(
+        axis=(1, 2), momentum=0.9, epsilon=1e-5, center=False, statistics="population",
+        unbiased_variance=False, gamma_regularizer="l2", synchronized=True,
+    )
+    config = layer.get_config()
+    clone = kerasbn.BatchNormalization.from_config(config)
+    assert clone.get_config() == config
+    assert clone.axis == (1, 2)
+
+
+def test_keras_file_round_trip_keeps_population_state(tmp_path, rng):
+    model = keras.Sequential([
+        keras.Input((4, 4, 2)),
+        keras.layers.Conv2D(3, 3, padding="same"),
+        kerasbn.BatchNormalization(statistics="population"),
+    ])
+    bn = model.layers[-1]
+    _train_on(bn, [model.layers[0](b) for b in _batches(rng, 3, (5, 4, 4, 2))])
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    loaded_bn = loaded.layers[-1]
+    assert isinstance(loaded_bn, kerasbn.BatchNormalization)
+    for name in ("moving_mean", "moving_variance", "population_count", "population_dof"):
+        np.testing.assert_array_equal(getattr(bn, name).numpy(), getattr(loaded_bn, name).numpy())
+    # The estimate continues where it stopped.
+    more = model.layers[0](_batches(rng, 1, (5, 4, 4, 2))[0])
+    bn(more, training=True)
+    loaded_bn(more, training=True)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), loaded_bn.moving_variance.numpy())
+
+
+def test_saved_model_export(tmp_path, rng):
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3),
+                              kerasbn.BatchNormalization()])
+    _train_on(model.layers[-1], [model.layers[0](b) for b in _batches(rng, 2, (8, 5))])
+    path = str(tmp_path / "saved")
+    model.export(path, verbose=False)
+    restored = tf.saved_model.load(path)
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    np.testing.assert_allclose(restored.serve(x).numpy(), model(x).numpy(), rtol=1e-6)
