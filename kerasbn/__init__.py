@@ -3,10 +3,14 @@
 Public API:
     BatchNormalization    the layer: fused XLA training kernel, moving-average or population
                           (the paper's Algorithm 2) inference statistics
+    population_statistics Algorithm 2 for a trained model: one pass over data sets every BN
+                          layer's inference statistics (keras or kerasbn layers)
+    PopulationStatistics  the callback running that pass at the end of fit (and every n epochs)
 """
 
 from kerasbn import _quiet_import  # noqa: F401  (first: silences TensorFlow start-up)
 from kerasbn.layer import BatchNormalization
+from kerasbn.statistics import PopulationStatistics, population_statistics
 
-__all__ = ["BatchNormalization"]
+__all__ = ["BatchNormalization", "PopulationStatistics", "population_statistics"]
 __version__ = "0.1.0"

@@ -7,14 +7,14 @@ statistics).
 
 from __future__ import annotations
 
+from kerasbn import _sync, kernel, updates
+from kerasbn._axes import canonical_axis, normalize_axes, reduction_axes
+
 import math
 
 import keras
 import tensorflow as tf
 from keras import constraints, initializers, ops, regularizers
-
-from kerasbn import kernel, updates
-from kerasbn._axes import canonical_axis, normalize_axes, reduction_axes
 
 STATISTICS_MODES = ("moving_average", "population")
 
@@ -95,7 +95,9 @@ class BatchNormalization(keras.layers.Layer):
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (
             0.0 <= momentum <= 1.0
         ):
-            raise ValueError(f"`momentum` must be a number in [0, 1]. Received: momentum={momentum!r}")
+            raise ValueError(
+                f"`momentum` must be a number in [0, 1]. Received: momentum={momentum!r}"
+            )
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (
             0.0 <= epsilon < math.inf
         ):
@@ -104,7 +106,8 @@ class BatchNormalization(keras.layers.Layer):
             )
         if statistics not in STATISTICS_MODES:
             raise ValueError(
-                f"`statistics` must be one of {STATISTICS_MODES}. Received: statistics={statistics!r}"
+                f"`statistics` must be one of {STATISTICS_MODES}. "
+                f"Received: statistics={statistics!r}"
             )
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
@@ -150,10 +153,13 @@ class BatchNormalization(keras.layers.Layer):
         # Per-channel tensors broadcast against inputs in "keepdims" shape.
         self._broadcast_shape = [input_shape[a] if a in self._axes else 1 for a in range(rank)]
 
-        def statistic(name, initializer, dtype=None, shape=param_shape):
+        def statistic(name, initializer, dtype=None, shape=param_shape, aggregation="mean"):
+            # Under a tf.distribute strategy each replica updates its own copy; "mean" keeps the
+            # copies equal (Keras 3 leaves them "none", so replicas drift apart and reads
+            # return replica 0's).
             return self.add_weight(
                 shape=shape, name=name, initializer=initializer, dtype=dtype,
-                trainable=False, autocast=False,
+                trainable=False, autocast=False, aggregation=aggregation,
             )
 
         if self.scale:
@@ -170,7 +176,9 @@ class BatchNormalization(keras.layers.Layer):
             )
         self.moving_mean = statistic("moving_mean", self.moving_mean_initializer)
         self.moving_variance = statistic("moving_variance", self.moving_variance_initializer)
-        self.skipped_updates = statistic("skipped_updates", "zeros", dtype="int64", shape=())
+        self.skipped_updates = statistic(
+            "skipped_updates", "zeros", dtype="int64", shape=(), aggregation="only_first_replica"
+        )
         if self.statistics == "population":
             self.population_count = statistic("population_count", "zeros")
             self.population_dof = statistic("population_dof", "zeros")
@@ -208,9 +216,11 @@ class BatchNormalization(keras.layers.Layer):
 
     def _training_call(self, inputs, mask):
         weights = self._mask_weights(inputs, mask)
-        if weights is None:
+        batch_norm = _sync.select_batch_norm(self.synchronized)
+        # Only an unsynchronized batch must hold m > 1 itself: a replica's share may hold one.
+        if weights is None and batch_norm is kernel.fused_batch_norm:
             self._check_batch_has_several_values(inputs)
-        outputs, mean, variance, count = kernel.fused_batch_norm(
+        outputs, mean, variance, count = batch_norm(
             inputs,
             self._per_channel(self.gamma, 1.0),
             self._per_channel(self.beta, 0.0),
@@ -218,7 +228,8 @@ class BatchNormalization(keras.layers.Layer):
             epsilon=self.epsilon,
             weights=weights,
         )
-        self._update_statistics(*(tf.reshape(t, self.moving_mean.shape) for t in (mean, variance, count)))
+        channel_shape = self.moving_mean.shape
+        self._update_statistics(*(tf.reshape(t, channel_shape) for t in (mean, variance, count)))
         return outputs
 
     def _check_batch_has_several_values(self, inputs):

@@ -39,7 +39,8 @@ def moving_average_update(
     """Returns (new_mean, new_variance, accepted)."""
     if unbiased_variance:
         variance = unbiased(variance, count)
-    accepted = _all_finite(mean, variance) & tf.reduce_all(count >= (2.0 if unbiased_variance else 1.0))
+    least_count = 2.0 if unbiased_variance else 1.0
+    accepted = _all_finite(mean, variance) & tf.reduce_all(count >= least_count)
     new_mean = moving_mean * momentum + mean * (1.0 - momentum)
     new_variance = moving_variance * momentum + variance * (1.0 - momentum)
     return (

@@ -1,8 +1,9 @@
 """Shared test setup: a quiet TensorFlow, reproducible seeds, and hypothesis settings for TF."""
 
+import kerasbn  # noqa: F401  (first: imports TensorFlow without its start-up noise)
+
 import os
 
-import kerasbn  # noqa: F401  (first: imports TensorFlow without its start-up noise)
 import keras
 import numpy as np
 import pytest
