@@ -16,8 +16,11 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(INSTALLED)
 
+# The layer's two statistics modes on digits, then the main job: train, population statistics,
+# fold, export to ONNX, verify with ONNX Runtime.
 demo: $(INSTALLED)
-	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/digits_modes.py
+	$(BIN)/python examples/convnet_export.py
 
 test: $(INSTALLED)
 	$(BIN)/python -m ruff check kerasbn export tests examples benchmarks

@@ -76,6 +76,7 @@ import numpy as np
 
 # Keras has no public name for the class behind `keras.Model(inputs, outputs)`.
 from keras.src.models.functional import Functional
+from keras.src.saving.serialization_lib import SafeModeScope  # no public scoped form
 
 _L = keras.layers
 BN_CLASSES = (KerasbnBatchNormalization, _L.BatchNormalization)
@@ -618,7 +619,10 @@ class _Rebuilder:
         config = layer.get_config()
         if id(layer) in self.plan.weights:
             config["use_bias"] = True  # a fold always gives the layer a bias
-        new = type(layer).from_config(config)
+        # The layer is already in memory, so its code is already trusted: safe mode (which
+        # refuses a Lambda's function in `from_config`) protects loading, not cloning.
+        with SafeModeScope(False):
+            new = type(layer).from_config(config)
         self.pairs.append((layer, new))
         return new
 

@@ -1,0 +1,193 @@
+"""End to end: train a BN convnet on digits, set population statistics, fold BN, export to ONNX.
+
+    1. train a small convnet with `kerasbn.BatchNormalization` (moving-average statistics);
+    2. test accuracy with those moving averages;
+    3. `kerasbn.population_statistics(model, x_train)`: the paper's Algorithm 2, one pass over
+       the training set with the final weights; test accuracy again;
+    4. `kerasbn.export.to_onnx(model, path)`: fold every BN into the layer before it, convert
+       with tf2onnx, verify with ONNX Runtime against the original model, write the file;
+    5. compare Keras and ONNX Runtime on the whole test set: accuracy, largest difference,
+       latency.
+
+Offline (scikit-learn's bundled digits); `make demo` runs it, in about a minute on 2 CPU cores.
+
+    python examples/convnet_export.py [--epochs 10] [--out out/]
+"""
+
+from __future__ import annotations
+
+import kerasbn  # first: imports TensorFlow without its start-up noise
+import kerasbn.export
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import _data
+import keras
+import numpy as np
+
+ONNX_NAME = "digits_convnet.onnx"
+
+
+def build_convnet(input_shape, *, seed: int = 0) -> keras.Model:
+    """Conv → BN → ReLU three times, global average pooling, Dense → BN → ReLU, softmax.
+
+    The layers before BN have no bias (BN's beta replaces it); every BN can be folded into
+    the layer before it for inference.
+    """
+    inputs = keras.Input(input_shape, name="image")
+    h = inputs
+    for i, (filters, stride) in enumerate(((16, 1), (32, 2), (64, 2)), start=1):
+        h = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
+                                kernel_initializer=keras.initializers.HeNormal(seed + i),
+                                name=f"conv{i}")(h)
+        h = kerasbn.BatchNormalization(name=f"bn{i}")(h)
+        h = keras.layers.ReLU(name=f"relu{i}")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    h = keras.layers.Dense(64, use_bias=False, name="dense",
+                           kernel_initializer=keras.initializers.HeNormal(seed + 4))(h)
+    h = kerasbn.BatchNormalization(name="bn4")(h)
+    h = keras.layers.ReLU(name="relu4")(h)
+    outputs = keras.layers.Dense(10, activation="softmax", name="softmax",
+                                 kernel_initializer=keras.initializers.GlorotUniform(seed + 5))(h)
+    return keras.Model(inputs, outputs, name="digits_convnet")
+
+
+def median_seconds(run, repeats: int) -> float:
+    """Median wall time of `run()` after two warm-up calls."""
+    run()
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def onnx_session(path: Path):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="training batch size, also the population pass's m (default 32)")
+    parser.add_argument("--learning-rate", type=float, default=0.05,
+                        help="SGD (momentum 0.9) learning rate (default 0.05)")
+    parser.add_argument("--dataset", choices=_data.DATASETS, default="digits",
+                        help="digits (bundled, offline; default) or mnist (downloads)")
+    parser.add_argument("--latency-batch", type=int, default=128,
+                        help="batch size for the latency comparison (default 128)")
+    parser.add_argument("--out", type=Path, default=Path("out"),
+                        help=f"where {ONNX_NAME} goes (default out/)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one epoch and few latency repeats, to check that everything runs")
+    args = parser.parse_args(argv)
+    if min(args.epochs, args.batch_size, args.latency_batch) < 1 or args.learning_rate <= 0:
+        parser.error("--epochs, --batch-size, --latency-batch and --learning-rate must be "
+                     f"positive. Received: {args.epochs}, {args.batch_size}, "
+                     f"{args.latency_batch}, {args.learning_rate}")
+    if args.quick:
+        args.epochs = 1
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    data = _data.load(args.dataset)
+    x_test, y_test = data.x_test, data.y_test
+    print(f"Data: {data.describe()}")
+
+    keras.utils.set_random_seed(0)
+    model = build_convnet(data.input_shape)
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=args.learning_rate, momentum=0.9),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    print(f"\n1. Training {model.name} ({model.count_params():,} parameters, 4 BN layers), "
+          f"{args.epochs} epochs of batch {args.batch_size}")
+    start = time.perf_counter()
+    model.fit(data.x_train, data.y_train, batch_size=args.batch_size, epochs=args.epochs,
+              shuffle=True, verbose=1)
+    train_seconds = time.perf_counter() - start
+
+    accuracy_moving = _data.accuracy(model, x_test, y_test)
+    print(f"\n2. Test accuracy with moving-average statistics: {accuracy_moving:.4f}")
+
+    print("\n3. Population statistics (the paper's Algorithm 2) over the training set")
+    population = kerasbn.population_statistics(model, data.x_train, batch_size=args.batch_size)
+    print(population)
+    keras_probabilities = model.predict(x_test, batch_size=256, verbose=0)
+    accuracy_population = float(np.mean(keras_probabilities.argmax(-1) == y_test))
+    print(f"Test accuracy with population statistics: {accuracy_population:.4f}")
+
+    print("\n4. Fold BN and export to ONNX, verified with ONNX Runtime")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / ONNX_NAME
+    export = kerasbn.export.to_onnx(model, path, samples=x_test[:64])
+    print(export)
+
+    print("\n5. Keras vs ONNX Runtime on the test set")
+    session = onnx_session(path)
+    input_name = session.get_inputs()[0].name
+
+    def run_onnx(x):
+        return session.run(None, {input_name: x})[0]
+
+    onnx_probabilities = run_onnx(x_test)
+    accuracy_onnx = float(np.mean(onnx_probabilities.argmax(-1) == y_test))
+    max_error = float(np.max(np.abs(onnx_probabilities - keras_probabilities)))
+    disagreements = int(np.sum(onnx_probabilities.argmax(-1) != keras_probabilities.argmax(-1)))
+
+    batch = x_test[: args.latency_batch]
+    repeats = 5 if args.quick else 50
+    latency = {
+        (name, len(x)): median_seconds(run, repeats)
+        for x in (batch, x_test[:1])
+        for name, run in (("keras", lambda x=x: model.predict_on_batch(x)),
+                          ("onnx", lambda x=x: run_onnx(x)))
+    }
+    folds = export.fold
+    rows = [
+        ("test accuracy, Keras (population statistics)", f"{accuracy_population:.4f}"),
+        ("test accuracy, ONNX Runtime (folded)", f"{accuracy_onnx:.4f}"),
+        ("predictions that differ", f"{disagreements} of {len(y_test)}"),
+        ("max |ONNX − Keras| (probabilities, test set)", f"{max_error:.2e}"),
+        ("BN layers folded", f"{export.folded} of {len(folds.records) if folds else 0}"),
+        ("ONNX nodes (unfolded export)",
+         f"{export.node_count} ({export.unfolded_node_count or '-'})"),
+        ("ONNX file size", f"{export.file_size / 1000:.1f} kB"),
+    ]
+    for size in (len(batch), 1):
+        keras_ms, onnx_ms = latency["keras", size] * 1e3, latency["onnx", size] * 1e3
+        rows.append((f"latency, batch of {size}: ONNX Runtime vs Keras predict_on_batch",
+                     f"{onnx_ms:.2f} ms vs {keras_ms:.2f} ms ({keras_ms / onnx_ms:.1f}×)"))
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}")
+    print(f"\nTraining took {train_seconds:.0f} s. Wrote {path}")
+    return {
+        "accuracy_moving_average": accuracy_moving,
+        "accuracy_population": accuracy_population,
+        "accuracy_onnx": accuracy_onnx,
+        "max_error": max_error,
+        "disagreements": disagreements,
+        "population": population,
+        "export": export,
+        "latency": latency,
+        "onnx_path": path,
+    }
+
+
+if __name__ == "__main__":
+    main()

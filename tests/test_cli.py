@@ -1,0 +1,213 @@
+"""The `kerasbn` command: exit codes, what it prints, safe loading, and the installed script.
+
+Tests call `main([...])` in the test process (TensorFlow is already loaded); one test runs the
+installed console script in a fresh process, where start-up noise would show.
+"""
+
+import kerasbn
+from kerasbn.export import cli, fold_batchnorm
+from kerasbn.export import onnx as onnx_module
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import onnx
+import pytest
+
+from tests.test_graph import bn_layers, randomize_bn
+
+L = keras.layers
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A small compiled model with three foldable BN and one refused (after a relu)."""
+    inputs = keras.Input((12, 12, 3))
+    x = L.Conv2D(4, 3, use_bias=False)(inputs)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU()(x)
+    x = L.DepthwiseConv2D(3)(x)
+    x = kerasbn.BatchNormalization()(x)
+    x = L.GlobalAveragePooling2D()(x)
+    x = L.Dense(3, use_bias=False)(x)
+    x = L.BatchNormalization()(x)
+    x = L.Dense(2, activation="relu")(x)
+    x = L.BatchNormalization(name="after_relu")(x)
+    model = keras.Model(inputs, x)
+    randomize_bn(model, np.random.default_rng(0))
+    model.compile("adam", "mse")  # a compiled file, as users save them
+    path = tmp_path_factory.mktemp("models") / "model.keras"
+    model.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def lambda_file(tmp_path_factory):
+    model = keras.Sequential([keras.Input((4,)), L.Dense(3), L.Lambda(lambda t: t * 2.0)])
+    path = tmp_path_factory.mktemp("models") / "lambda.keras"
+    model.save(path)
+    return str(path)
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- export --------------------------------------------------------------------------------------
+
+
+def test_export_writes_a_verified_file_and_reports(model_file, tmp_path, capsys):
+    out_path = tmp_path / "model.onnx"
+    code, out, err = run(capsys, "export", model_file, "-o", out_path)
+    assert code == cli.EXIT_OK, err
+    assert err == ""
+    onnx.checker.check_model(onnx.load(out_path))
+    assert "BatchNormalization: 3 folded, 1 refused, 0 kept" in out
+    assert "refused after_relu: 'dense_1' applies the activation 'relu'" in out  # and why
+    assert "max abs error" in out and "opset 17" in out and " kB" in out
+    assert out.rstrip().endswith(f"wrote {out_path}")
+
+
+def test_export_options_reach_to_onnx(model_file, tmp_path, capsys):
+    code, out, _ = run(
+        capsys, "export", model_file, "-o", tmp_path / "m.onnx", "--opset", "13", "--no-fold",
+        "--samples", "3", "--atol", "1e-4", "--rtol", "1e-3",
+    )
+    assert code == cli.EXIT_OK
+    assert "opset 13" in out and "not folded" in out
+    assert "verified on 3 samples" in out and "atol=0.0001, rtol=0.001" in out
+
+
+def test_failed_verification_exits_1_and_writes_nothing(model_file, tmp_path, capsys, monkeypatch):
+    def broken_fold(model):
+        folded, report = fold_batchnorm(model)
+        beta = folded.get_layer("after_relu").beta  # the last layer: its error shows as is
+        beta.assign(beta + 0.1)
+        return folded, report
+
+    monkeypatch.setattr(onnx_module, "fold_batchnorm", broken_fold)
+    code, _, err = run(capsys, "export", model_file, "-o", tmp_path / "m.onnx")
+    assert code == cli.EXIT_FAILED
+    assert "verification failed" in err and "max abs error" in err and "nothing written" in err
+    assert os.listdir(tmp_path) == []
+
+
+# --- fold ----------------------------------------------------------------------------------------
+
+
+def test_fold_saves_a_folded_model(model_file, tmp_path, capsys):
+    out_path = tmp_path / "folded.keras"
+    code, out, err = run(capsys, "fold", model_file, "-o", out_path)
+    assert code == cli.EXIT_OK, err
+    assert "4 BatchNormalization layers: 3 folded (0 forward), 1 refused, 0 kept" in out
+    assert out.rstrip().endswith(" kB)")
+
+    original = keras.saving.load_model(model_file, compile=False)
+    folded = keras.saving.load_model(out_path)
+    assert [bn.name for bn in bn_layers(folded)] == ["after_relu"]
+    x = np.random.default_rng(1).standard_normal((4, 12, 12, 3)).astype("float32")
+    np.testing.assert_allclose(folded(x), original(x, training=False), rtol=1e-4, atol=1e-5)
+
+
+def test_fold_output_must_be_a_keras_file(model_file, tmp_path, capsys):
+    code, _, err = run(capsys, "fold", model_file, "-o", tmp_path / "folded.h5")
+    assert code == cli.EXIT_USAGE
+    assert "must be a .keras file" in err
+
+
+# --- safe mode -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command, suffix", [("export", ".onnx"), ("fold", ".keras")])
+def test_lambda_is_refused_in_safe_mode_and_allowed_with_unsafe(
+    command, suffix, lambda_file, tmp_path, capsys
+):
+    out_path = tmp_path / f"out{suffix}"
+    code, _, err = run(capsys, command, lambda_file, "-o", out_path)
+    assert code == cli.EXIT_USAGE
+    assert "Lambda layer" in err and "--unsafe" in err
+    assert not out_path.exists()
+
+    code, _, err = run(capsys, command, lambda_file, "-o", out_path, "--unsafe")
+    assert code == cli.EXIT_OK, err
+    assert out_path.exists()
+
+
+# --- bad usage -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "required: COMMAND"),
+        (["convert", "m.keras"], "invalid choice: 'convert'"),
+        (["export", "MODEL"], "required: -o/--output"),
+        (["export", "MODEL", "-o", "OUT", "--opset", "25"], "invalid choice: 25"),
+        (["export", "MODEL", "-o", "OUT", "--opset", "x"], "invalid int value: 'x'"),
+        (["export", "MODEL", "-o", "OUT", "--atol", "-1"], "must be a finite number >= 0, got -1"),
+        (["export", "MODEL", "-o", "OUT", "--rtol", "nan"], "must be a finite number >= 0"),
+        (["export", "MODEL", "-o", "OUT", "--samples", "0"], "must be an integer >= 1, got 0"),
+        (["fold", "MODEL", "-o", "OUT.keras", "--opset", "13"], "unrecognized arguments"),
+    ],
+)
+def test_bad_usage_exits_2(argv, message, model_file, tmp_path, capsys):
+    argv = [model_file if a == "MODEL" else str(tmp_path / a) if a.startswith("OUT") else a
+            for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert code == cli.EXIT_USAGE
+    assert message in err
+
+
+def test_missing_or_unreadable_model_exits_2(tmp_path, capsys):
+    code, _, err = run(capsys, "export", tmp_path / "none.keras", "-o", tmp_path / "m.onnx")
+    assert code == cli.EXIT_USAGE and "no such model file" in err
+
+    garbage = tmp_path / "garbage.keras"
+    garbage.write_bytes(b"not a zip file")
+    code, _, err = run(capsys, "fold", garbage, "-o", tmp_path / "out.keras")
+    assert code == cli.EXIT_USAGE and "cannot read the model" in err
+    assert sorted(os.listdir(tmp_path)) == ["garbage.keras"]
+
+
+def test_unwritable_output_exits_2(model_file, tmp_path, capsys):
+    code, _, err = run(capsys, "export", model_file, "-o", tmp_path / "no" / "m.onnx")
+    assert code == cli.EXIT_USAGE and "cannot write the output file" in err
+
+
+def test_help_is_complete(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == cli.EXIT_OK
+    for word in ("export", "fold", "exit status", "0  success", "1  ", "2  bad usage"):
+        assert word in out
+    code, out, _ = run(capsys, "export", "--help")
+    assert code == cli.EXIT_OK
+    for flag in ("-o OUT.onnx", "--opset N", "--no-fold", "--samples N", "--atol X", "--rtol X",
+                 "--unsafe", "13 to 18", "atol + rtol*|keras|"):
+        assert flag in out
+    code, out, _ = run(capsys, "fold", "--help")
+    assert code == cli.EXIT_OK and "-o OUT.keras" in out and "--unsafe" in out
+
+
+# --- the installed console script ----------------------------------------------------------------
+
+
+def test_installed_script_exports_quietly(model_file, tmp_path):
+    script = Path(sys.executable).with_name("kerasbn")
+    assert script.exists(), f"the console script is not installed next to {sys.executable}"
+    env = dict(os.environ)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell has it
+    result = subprocess.run(
+        [str(script), "export", model_file, "-o", str(tmp_path / "m.onnx")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    # No TensorFlow start-up lines, absl logs or Python warnings: stderr stays empty.
+    assert result.stderr == ""
+    assert "3 folded, 1 refused, 0 kept" in result.stdout
+    assert (tmp_path / "m.onnx").exists()

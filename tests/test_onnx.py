@@ -1,0 +1,452 @@
+"""to_onnx: numbers (ONNX Runtime vs the original Keras model) and structure (what is left).
+
+The structural check for a fold: the folded export has exactly the ONNX operators of the same
+model built without the BN (its producer given a random bias), so neither a BatchNormalization
+node nor the Mul/Add that tf2onnx lowers an unfolded BN to is left.
+"""
+
+import kerasbn
+from kerasbn.export import ExportReport, VerificationError, fold_batchnorm, to_onnx
+from kerasbn.export import onnx as onnx_module
+
+import os
+from collections import Counter
+
+import keras
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+
+from tests.test_graph import bn_layers, randomize_bn
+
+L = keras.layers
+
+
+@pytest.fixture(autouse=True)
+def _fresh_session():
+    # Frees the graphs of earlier tests (ResNet50 is large) and restarts layer names.
+    keras.backend.clear_session()
+
+
+def operators(path_or_proto):
+    proto = onnx.load(path_or_proto) if isinstance(path_or_proto, (str, os.PathLike)) else (
+        path_or_proto
+    )
+    return Counter(node.op_type for node in proto.graph.node)
+
+
+def run_onnx(path, *arrays):
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, dict(zip(names, arrays, strict=True)))
+
+
+def randomize_biases(model, rng):
+    # Zero biases would let tf2onnx drop their Add, so a reference model needs real ones.
+    for layer in model.layers:
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.assign(rng.normal(0.0, 0.5, tuple(layer.bias.shape)))
+
+
+# --- one test per producer kind and layout -------------------------------------------------------
+
+CF = {"data_format": "channels_first"}
+# name: (input shape, producer class, its arguments, the BN axis)
+PRODUCERS = {
+    "dense": ((6,), L.Dense, {"units": 5}, -1),
+    "conv1d": ((9, 3), L.Conv1D, {"filters": 4, "kernel_size": 3}, -1),
+    "conv2d": ((8, 8, 3), L.Conv2D, {"filters": 4, "kernel_size": 3, "strides": 2,
+                                     "padding": "same"}, -1),
+    "conv2d_dilated": ((8, 8, 4), L.Conv2D, {"filters": 6, "kernel_size": 3,
+                                             "dilation_rate": 2}, -1),
+    "conv3d": ((5, 5, 5, 2), L.Conv3D, {"filters": 3, "kernel_size": 2}, -1),
+    "conv1d_channels_first": ((3, 9), L.Conv1D, {"filters": 4, "kernel_size": 3, **CF}, 1),
+    "conv2d_channels_first": ((3, 8, 8), L.Conv2D, {"filters": 4, "kernel_size": 3, **CF}, 1),
+    "depthwise1d": ((9, 3), L.DepthwiseConv1D, {"kernel_size": 3, "depth_multiplier": 2}, -1),
+    "depthwise2d": ((8, 8, 3), L.DepthwiseConv2D, {"kernel_size": 3, "depth_multiplier": 2}, -1),
+    "conv1d_transpose": ((6, 3), L.Conv1DTranspose, {"filters": 4, "kernel_size": 3,
+                                                     "strides": 2}, -1),
+    "conv2d_transpose": ((5, 5, 3), L.Conv2DTranspose, {"filters": 4, "kernel_size": 3,
+                                                        "strides": 2}, -1),
+    "conv3d_transpose": ((3, 3, 3, 2), L.Conv3DTranspose, {"filters": 3, "kernel_size": 2,
+                                                           "strides": 2}, -1),
+    "separable1d": ((9, 3), L.SeparableConv1D, {"filters": 4, "kernel_size": 3,
+                                                "depth_multiplier": 2}, -1),
+    "separable2d": ((8, 8, 3), L.SeparableConv2D, {"filters": 4, "kernel_size": 3}, -1),
+}
+
+
+def producer_model(kind, rng, *, bn):
+    """Input → producer (no bias) → BN, or with bn=None: Input → producer (random bias)."""
+    shape, producer, arguments, axis = PRODUCERS[kind]
+    inputs = keras.Input(shape)
+    outputs = producer(**arguments, use_bias=bn is None)(inputs)
+    if bn is not None:
+        outputs = bn(axis=axis)(outputs)
+    model = keras.Model(inputs, outputs)
+    randomize_bn(model, rng)
+    randomize_biases(model, rng)
+    return model
+
+
+@pytest.mark.parametrize("kind", PRODUCERS)
+def test_each_producer_folds_and_verifies_in_onnx_runtime(kind, rng, tmp_path):
+    # Alternate the two BN classes over the grid: both must fold the same way.
+    bn = (L.BatchNormalization, kerasbn.BatchNormalization)[list(PRODUCERS).index(kind) % 2]
+    model = producer_model(kind, rng, bn=bn)
+    report = to_onnx(model, tmp_path / "model.onnx")
+
+    assert (report.folded, report.refused, report.kept) == (1, 0, 0)
+    assert report.verified_samples == 8
+    without_bn = onnx_module.convert(producer_model(kind, rng, bn=None))
+    folded_ops = operators(tmp_path / "model.onnx")
+    assert "BatchNormalization" not in folded_ops
+    assert folded_ops == operators(without_bn)
+    assert report.node_count == sum(folded_ops.values()) <= report.unfolded_node_count
+
+
+def test_node_counts_show_what_tf2onnx_leaves_unfolded(rng, tmp_path):
+    # tf2onnx lowers a BN after a Dense to Mul + Add; folding removes both.
+    report = to_onnx(producer_model("dense", rng, bn=L.BatchNormalization), tmp_path / "m.onnx")
+    assert (report.node_count, report.unfolded_node_count) == (2, 3)  # MatMul, Add (+ Mul)
+
+
+# --- models, inputs and outputs ------------------------------------------------------------------
+
+
+def test_sequential_with_several_folds(rng, tmp_path):
+    model = keras.Sequential(
+        [
+            keras.Input((10, 10, 3)),
+            L.Conv2D(4, 3, use_bias=False),
+            L.BatchNormalization(),
+            L.ReLU(),
+            L.DepthwiseConv2D(3),
+            kerasbn.BatchNormalization(),
+            L.Flatten(),
+            L.Dense(3),
+            L.BatchNormalization(),
+        ]
+    )
+    randomize_bn(model, rng)
+    report = to_onnx(model, tmp_path / "seq.onnx")
+    assert report.folded == 3
+    ops = operators(tmp_path / "seq.onnx")
+    assert "Mul" not in ops and "BatchNormalization" not in ops
+
+
+def test_in_memory_model_with_a_lambda_layer_folds_and_exports(rng, tmp_path):
+    """Safe mode guards loading files; a model already in memory is already trusted."""
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            L.Lambda(lambda t: 2.0 * t),
+            L.Dense(4, use_bias=False),
+            L.BatchNormalization(),
+        ]
+    )
+    randomize_bn(model, rng)
+    report = to_onnx(model, tmp_path / "lambda.onnx")
+    assert report.folded == 1
+    assert operators(tmp_path / "lambda.onnx")["Mul"] == 1  # the Lambda's; the BN's is folded
+
+
+def test_sequential_built_without_an_input(rng, tmp_path):
+    model = keras.Sequential([L.Dense(4, use_bias=False), L.BatchNormalization()])
+    model.build((None, 3))
+    randomize_bn(model, rng)
+    assert to_onnx(model, tmp_path / "m.onnx").folded == 1
+
+
+def _two_in_two_out(rng):
+    image = keras.Input((6, 6, 2), name="image")
+    vector = keras.Input((5,), name="vector")
+    x = L.Conv2D(3, 3, use_bias=False)(image)
+    x = L.BatchNormalization()(x)
+    x = L.GlobalAveragePooling2D()(x)
+    y = L.Dense(3)(vector)
+    y = L.BatchNormalization()(y)
+    total = L.Add(name="total")([x, y])
+    head = L.Dense(2, name="head")(y)
+    model = keras.Model([image, vector], [total, head])
+    randomize_bn(model, rng)
+    return model
+
+
+def test_several_inputs_and_outputs_keep_their_names(rng, tmp_path):
+    model = _two_in_two_out(rng)
+    samples = {"image": rng.standard_normal((3, 6, 6, 2)), "vector": rng.standard_normal((3, 5))}
+    report = to_onnx(model, tmp_path / "m.onnx", samples=samples)
+    assert report.folded == 2 and report.verified_samples == 3 + 8
+
+    proto = onnx.load(tmp_path / "m.onnx")
+    assert [i.name for i in proto.graph.input] == ["image", "vector"]
+    assert sorted(o.name for o in proto.graph.output) == ["head", "total"]
+    feed = {k: v.astype("float32") for k, v in samples.items()}
+    session = onnxruntime.InferenceSession(
+        str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]
+    )
+    total, head = session.run(["total", "head"], feed)
+    expected = model([feed["image"], feed["vector"]], training=False)
+    np.testing.assert_allclose(total, expected[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(head, expected[1], rtol=1e-4, atol=1e-5)
+
+
+def test_samples_as_a_list_in_input_order(rng, tmp_path):
+    model = _two_in_two_out(rng)
+    samples = [rng.standard_normal((2, 6, 6, 2)), rng.standard_normal((2, 5))]
+    report = to_onnx(model, tmp_path / "m.onnx", samples=samples, random_samples=0)
+    assert report.verified_samples == 2
+
+
+@pytest.mark.parametrize(
+    "samples, message",
+    [
+        ({"image": np.zeros((2, 6, 6, 2))}, r"lacks the inputs \['vector'\]"),
+        ([np.zeros((2, 6, 6, 2))], "Received: 1 arrays"),
+        ([np.zeros((2, 6, 6, 3)), np.zeros((2, 5))], r"Received: shape=\(2, 6, 6, 3\)"),
+        ([np.zeros((2, 6, 6, 2)), np.zeros((3, 5))], r"batch sizes=\[2, 3\]"),
+    ],
+)
+def test_bad_samples_raise_before_writing(samples, message, rng, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        to_onnx(_two_in_two_out(rng), tmp_path / "m.onnx", samples=samples)
+    assert os.listdir(tmp_path) == []
+
+
+def test_batch_dimension_is_dynamic(rng, tmp_path):
+    model = producer_model("conv2d", rng, bn=L.BatchNormalization)
+    to_onnx(model, tmp_path / "m.onnx")
+    for batch in (1, 5):
+        x = rng.standard_normal((batch, 8, 8, 3)).astype("float32")
+        (got,) = run_onnx(tmp_path / "m.onnx", x)
+        np.testing.assert_allclose(got, model(x, training=False), rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_dimensions_take_their_size_from_samples(rng, tmp_path):
+    inputs = keras.Input((None, None, 3))
+    x = L.Conv2D(4, 3, use_bias=False)(inputs)
+    x = L.BatchNormalization()(x)
+    model = keras.Model(inputs, L.GlobalAveragePooling2D()(x))
+    randomize_bn(model, rng)
+    with pytest.raises(ValueError, match="unknown dimension 1.*Received: samples=None"):
+        to_onnx(model, tmp_path / "m.onnx")
+    report = to_onnx(model, tmp_path / "m.onnx", samples=rng.standard_normal((2, 9, 7, 3)))
+    assert report.verified_samples == 2 + 8
+    (got,) = run_onnx(tmp_path / "m.onnx", np.ones((1, 12, 5, 3), "float32"))
+    assert got.shape == (1, 4)
+
+
+def test_integer_inputs_get_valid_random_ids(rng, tmp_path):
+    tokens = keras.Input((4,), dtype="int32")
+    x = L.Embedding(10, 3)(tokens)
+    x = L.Flatten()(x)
+    x = L.Dense(2, use_bias=False)(x)
+    model = keras.Model(tokens, L.BatchNormalization()(x))
+    randomize_bn(model, rng)
+    assert to_onnx(model, tmp_path / "m.onnx").folded == 1
+
+
+# --- what is not folded is still exported and reported -------------------------------------------
+
+
+def test_refused_and_kept_bn_stay_in_the_graph_and_in_the_report(rng, tmp_path):
+    inputs = keras.Input((4,))
+    kept = L.BatchNormalization(name="kept_bn")(inputs)  # reads the input: nothing to fold into
+    refused = L.BatchNormalization(name="refused_bn")(L.Dense(3, activation="relu")(inputs))
+    model = keras.Model(inputs, [kept, refused])
+    randomize_bn(model, rng)
+    report = to_onnx(model, tmp_path / "m.onnx")
+
+    assert (report.folded, report.refused, report.kept) == (0, 1, 1)
+    assert report.unfolded_node_count == report.node_count
+    assert operators(tmp_path / "m.onnx")["Mul"] == 2  # one multiply-add per BN
+    text = str(report)
+    assert "0 folded, 1 refused, 1 kept" in text
+    assert "refused refused_bn: " in text and "kept kept_bn: " in text
+
+
+def test_no_fold_exports_the_model_as_it_is(rng, tmp_path):
+    model = producer_model("dense", rng, bn=L.BatchNormalization)
+    report = to_onnx(model, tmp_path / "m.onnx", fold=False)
+    assert report.fold is None and report.folded == 0
+    assert operators(tmp_path / "m.onnx")["Mul"] == 1
+    assert report.node_count == report.unfolded_node_count
+    assert "not folded" in str(report)
+
+
+# --- arguments -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_opsets_13_to_18(opset, rng, tmp_path):
+    model = producer_model("conv1d", rng, bn=L.BatchNormalization)
+    report = to_onnx(model, tmp_path / "m.onnx", opset=opset)
+    proto = onnx.load(tmp_path / "m.onnx")
+    onnx.checker.check_model(proto, full_check=True)
+    assert report.opset == opset
+    assert {o.domain: o.version for o in proto.opset_import}[""] == opset
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"opset": 12}, "Received: opset=12"),
+        ({"opset": 19}, "Received: opset=19"),
+        ({"opset": "17"}, "Received: opset='17'"),
+        ({"opset": True}, "Received: opset=True"),
+        ({"atol": -1.0}, "Received: atol=-1.0"),
+        ({"rtol": float("nan")}, "Received: rtol=nan"),
+        ({"random_samples": -1}, "Received: random_samples=-1"),
+        ({"random_samples": 0}, "Received: samples=None, random_samples=0"),
+    ],
+)
+def test_bad_arguments_raise_before_anything_is_written(arguments, message, rng, tmp_path):
+    model = producer_model("dense", rng, bn=L.BatchNormalization)
+    with pytest.raises(ValueError, match=message):
+        to_onnx(model, tmp_path / "m.onnx", **arguments)
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_paths_raise(rng, tmp_path):
+    model = producer_model("dense", rng, bn=L.BatchNormalization)
+    with pytest.raises(ValueError, match="directory of `path` does not exist"):
+        to_onnx(model, tmp_path / "missing" / "m.onnx")
+    with pytest.raises(ValueError, match="not a directory"):
+        to_onnx(model, tmp_path)
+
+
+def test_unbuilt_model_raises():
+    model = keras.Sequential([L.Dense(2)])
+    with pytest.raises(ValueError, match="no defined inputs"):
+        to_onnx(model, "never.onnx")
+
+
+# --- verification --------------------------------------------------------------------------------
+
+
+def _broken_fold(model):
+    """fold_batchnorm with a bug: every bias of the folded model is off by 0.01."""
+    folded, report = fold_batchnorm(model)
+    for layer in folded.layers:
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.assign(layer.bias + 0.01)
+    return folded, report
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["no_file", "previous_file"])
+def test_failed_verification_raises_with_the_numbers_and_writes_nothing(
+    previous, rng, tmp_path, monkeypatch
+):
+    model = producer_model("dense", rng, bn=L.BatchNormalization)
+    path = tmp_path / "m.onnx"
+    if previous:
+        path.write_bytes(b"previous export")
+    monkeypatch.setattr(onnx_module, "fold_batchnorm", _broken_fold)
+
+    with pytest.raises(VerificationError, match=r"max abs error 0\.01.*atol=1e-05, rtol=0\.0001"):
+        to_onnx(model, path)
+    assert os.listdir(tmp_path) == (["m.onnx"] if previous else [])
+    if previous:
+        assert path.read_bytes() == b"previous export"
+
+
+def test_failed_conversion_keeps_a_previous_file(rng, tmp_path):
+    # Keras runs a grouped convolution through an XLA-compiled function tf2onnx cannot read;
+    # tf2onnx keeps the op and says so, and onnx.checker refuses the result.
+    inputs = keras.Input((6, 6, 4))
+    x = L.Conv2D(4, 3, groups=2, use_bias=False)(inputs)
+    model = keras.Model(inputs, L.BatchNormalization()(x))
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"previous export")
+    with pytest.raises(onnx.checker.ValidationError, match="StatefulPartitionedCall"):
+        to_onnx(model, path)
+    assert os.listdir(tmp_path) == ["m.onnx"]
+    assert path.read_bytes() == b"previous export"
+
+
+def test_verify_false_writes_without_running(rng, tmp_path):
+    report = to_onnx(producer_model("dense", rng, bn=L.BatchNormalization), tmp_path / "m.onnx",
+                     verify=False)
+    assert report.verified_samples == 0 and report.max_abs_error is None
+    assert (tmp_path / "m.onnx").stat().st_size == report.file_size
+    assert "not verified" in str(report)
+
+
+def test_tolerance_is_atol_plus_rtol_times_the_keras_value():
+    keras_values = np.array([0.0, 100.0, -2.0])
+
+    def check(onnx_values):
+        errors = onnx_module._Errors()
+        errors.add("y", np.array(onnx_values), keras_values, atol=1e-3, rtol=1e-2)
+        return errors
+
+    inside = check([1e-3, 101.0, -2.0 - 0.021])  # bounds: 1e-3, 1.001, 0.021
+    assert not inside.failed
+    assert inside.max_abs == pytest.approx(1.0)
+    # Relative error ignores the zero reference, whose error only atol can judge.
+    assert inside.max_rel == pytest.approx(0.0105)
+    outside = check([0.0, 101.002, -2.0])
+    assert outside.failed and outside.violations == 1
+    assert "output 'y' at (1,): onnx=101.002, keras=100" in outside.message(atol=1e-3, rtol=1e-2)
+    assert check([np.nan, 100.0, -2.0]).failed
+
+
+# --- guarantees ----------------------------------------------------------------------------------
+
+
+def test_the_original_model_is_never_mutated(rng, tmp_path):
+    model = _two_in_two_out(rng)
+    config = model.get_config()
+    weights = [w.copy() for w in model.get_weights()]
+    names = [layer.name for layer in model.layers]
+    to_onnx(model, tmp_path / "m.onnx")
+    assert model.get_config() == config
+    assert [layer.name for layer in model.layers] == names
+    for before, after in zip(weights, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_report_is_readable(rng, tmp_path):
+    report = to_onnx(producer_model("conv1d", rng, bn=L.BatchNormalization), tmp_path / "m.onnx")
+    assert isinstance(report, ExportReport)
+    lines = str(report).splitlines()
+    assert lines[0].startswith(f"{tmp_path / 'm.onnx'}: ") and "opset 17" in lines[0]
+    assert f"{report.node_count} ONNX nodes (unfolded export: {report.unfolded_node_count})" in (
+        lines[0]
+    )
+    assert lines[1] == "BatchNormalization: 1 folded, 0 refused, 0 kept"
+    assert lines[2].startswith("verified on 8 samples") and "max abs error" in lines[2]
+
+
+# --- real architectures no one here wrote --------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, baseline",
+    # The unfolded conversion of ResNet50 costs as much again (~15-40 s here) and shows nothing
+    # new: tf2onnx merges every BN of ResNet50 into its 4-D Conv itself (equal node counts; the
+    # benchmark reports both). MobileNetV2's depthwise BN it cannot merge.
+    [("ResNet50", False), ("MobileNetV2", True)],
+)
+def test_applications_fold_completely_and_verify(name, baseline, rng, tmp_path):
+    # Logits, not softmax: probabilities of ~1e-3 would sit inside atol and prove little.
+    model = getattr(keras.applications, name)(
+        weights=None, input_shape=(64, 64, 3), classifier_activation=None
+    )
+    randomize_bn(model, rng)
+    randomize_biases(model, rng)
+    report = to_onnx(model, tmp_path / "m.onnx", baseline=baseline)
+
+    bn_count = len(bn_layers(model))
+    assert bn_count > 50
+    assert (report.folded, report.refused, report.kept) == (bn_count, 0, 0)
+    ops = operators(tmp_path / "m.onnx")
+    # Every Add left is a residual connection or the classifier's bias; no BN Mul or Add.
+    adds = sum(isinstance(layer, L.Add) for layer in model.layers) + 1
+    assert "BatchNormalization" not in ops and "Mul" not in ops
+    assert ops["Add"] == adds
+    if baseline:
+        assert report.node_count < report.unfolded_node_count
