@@ -12,9 +12,10 @@ Forward, the paper's Algorithm 1, with m values per channel (m = N·H·W for con
 Moments in one pass, shifted. The textbook E[x²]−E[x]² loses every digit when |μ| ≫ σ (for
 μ = 1e4, σ = 0.1 in float32 it returns noise). With a per-channel reference value k taken from
 the data (the channel's first sample), S1 = Σ(x−k) and S2 = Σ(x−k)² give μ = k + S1/m and
-σ² = S2/m − (S1/m)², where the cancellation is only of size (μ−k)²/σ², a few units. XLA fuses
-both sums into a single read of x. Nor is μ itself formed on the way to y: rounded to float32,
-μ = 1e4 is off by up to 5e-4, which is 5e-3 in x̂ when σ = 0.1. The kernel uses
+σ² = S2/m − (S1/m)², where the cancellation is only of size (μ−k)²/σ², a few units. Both sums
+take one read of x (on XLA:CPU only when summed in blocks, see `_per_channel_sums`). Nor is μ
+itself formed on the way to y: rounded to float32, μ = 1e4 is off by up to 5e-4, which is 5e-3
+in x̂ when σ = 0.1. The kernel uses
 x − μ = (x − k) − δ with δ = S1/m, where x − k is exact (k is within a factor 2 of x).
 
 Backward, the paper's chain rule in closed form, with g = ∂ℓ/∂y and x̂ = (x−μ)/√(σ²+ε):
@@ -39,9 +40,86 @@ import tensorflow as tf
 
 STATISTICS_DTYPE = tf.float32
 
+# Per-channel sums of a large tensor are taken block by block (see `_per_channel_sums`): blocks of
+# about _BLOCK_BYTES per float32 operand, for tensors of at least _BLOCKWISE_MIN_BYTES as float32.
+# A block and its temporaries stay in a core's L2 (1–2 MiB on current x86). Measured on a 2-core
+# x86 VM (benchmarks/bn_step.py): the loop pays from 512 KiB up (2× at 25 MiB) and costs a
+# little below; block sizes from 16 to 256 KiB performed alike.
+_BLOCK_BYTES = 1 << 16
+_BLOCKWISE_MIN_BYTES = 1 << 19
+
 
 def _as_statistics_dtype(x):
     return tf.cast(x, STATISTICS_DTYPE)
+
+
+def _leading_run(reduction_axes):
+    """How many leading axes (0, 1, …) are all reduction axes."""
+    run = 0
+    while run in reduction_axes:
+        run += 1
+    return run
+
+
+def _per_channel_sums(terms, full, per_channel, reduction_axes):
+    """[Σ t over `reduction_axes` (keepdims) for t in terms(*full, *per_channel)], in a loop.
+
+    `full` are tensors of x's shape, `per_channel` keepdims-shaped tensors or Python numbers,
+    and `terms` an elementwise function of them. Why a loop: XLA:CPU (TensorFlow 2.21) gives
+    large reductions to a library kernel that reads a materialized operand, so Σ(x−k)² first
+    writes (x−k)² to memory as a whole tensor and then reads it back, and each extra term
+    does the same. Summing blocks of rows along the leading reduction axes in an XLA while loop
+    keeps those temporaries in cache, so the data is read from memory once, as the formulas
+    intend. Small tensors, inputs whose first axis is not reduced and dimensions after the
+    leading run that are unknown at trace time take the plain path. Meant to run under XLA
+    (every caller in kerasbn is compiled); eagerly the loop is a Python loop.
+
+    The sums are statistics, never differentiated (kerasbn's backward pass is the closed form,
+    as custom gradients), so both paths cut their inputs from the tape alike. Inside the loop
+    each block's sums are cut too: a tape that records a function holding a while loop (eager
+    `tf.custom_gradient` records its inner ops) has TensorFlow rewrite the loop to save every
+    iteration's intermediates for a backward pass, in lists XLA cannot compile, unless nothing
+    in the loop body is differentiable.
+    """
+    full = [tf.stop_gradient(t) for t in full]
+    per_channel = [tf.stop_gradient(p) if tf.is_tensor(p) else p for p in per_channel]
+    shape = full[0].shape
+    lead = _leading_run(reduction_axes)
+    row_shape = shape[lead:]
+    small = shape.is_fully_defined() and shape.num_elements() * 4 < _BLOCKWISE_MIN_BYTES
+    if lead == 0 or small or not row_shape.is_fully_defined():
+        return [tf.reduce_sum(t, reduction_axes, keepdims=True) for t in terms(*full, *per_channel)]
+
+    # Collapse the leading reduction axes into one axis of rows (a free reshape); per-channel
+    # tensors have size 1 there. The block's reduction axes: the rows and any later ones.
+    rows = tf.reduce_prod(tf.shape(full[0])[:lead])
+    flat = [tf.reshape(t, [-1, *row_shape]) for t in full]
+    params = [
+        tf.reshape(p, [1, *p.shape[lead:]]) if tf.is_tensor(p) else p for p in per_channel
+    ]
+    block_axes = (0, *(a - lead + 1 for a in reduction_axes if a >= lead))
+    block_rows = max(1, _BLOCK_BYTES // (4 * max(1, row_shape.num_elements())))
+
+    def block_sums(blocks):
+        return [tf.reduce_sum(t, block_axes, keepdims=True) for t in terms(*blocks, *params)]
+
+    # Never more rows than there are: with fewer, the loop runs zero times, but XLA still
+    # compiles its body, and a slice larger than its operand does not compile.
+    slice_rows = tf.minimum(block_rows, rows)
+
+    def body(i, *totals):
+        start = [i * block_rows] + [0] * len(row_shape)
+        blocks = [tf.slice(t, start, [slice_rows, *row_shape]) for t in flat]
+        sums = [tf.stop_gradient(s) for s in block_sums(blocks)]
+        return (i + 1, *(total + s for total, s in zip(totals, sums, strict=True)))
+
+    whole_blocks = rows // block_rows
+    tail = block_sums([t[whole_blocks * block_rows:] for t in flat])
+    _, *totals = tf.while_loop(
+        lambda i, *_: i < whole_blocks, body, (tf.constant(0), *(tf.zeros_like(s) for s in tail))
+    )
+    keepdims = [1 if a in reduction_axes else d for a, d in enumerate(shape)]
+    return [tf.reshape(total + t, keepdims) for total, t in zip(totals, tail, strict=True)]
 
 
 def reference_value(x, reduction_axes, weights=None):
@@ -74,17 +152,19 @@ def value_count(x, reduction_axes, weights=None):
 
 def shifted_sums(x, shift, reduction_axes, weights=None):
     """Per-channel (S1, S2) = (Σw·(x−k), Σw·(x−k)²): the sums that add up across replicas."""
-    d = x - shift
     if weights is not None:
+        d = x - shift
         wd = weights * d
         return (
             tf.reduce_sum(wd, reduction_axes, keepdims=True),
             tf.reduce_sum(wd * d, reduction_axes, keepdims=True),
         )
-    return (
-        tf.reduce_sum(d, reduction_axes, keepdims=True),
-        tf.reduce_sum(d * d, reduction_axes, keepdims=True),
-    )
+
+    def terms(x, shift):
+        d = x - shift
+        return d, d * d
+
+    return tuple(_per_channel_sums(terms, [x], [shift], reduction_axes))
 
 
 def centered_moments(count, sum_shifted, sum_sq_shifted):
@@ -111,7 +191,8 @@ def batch_moments(x, reduction_axes, weights=None):
         weights = _as_statistics_dtype(weights)
     shift = reference_value(x, reduction_axes, weights)
     count = value_count(x, reduction_axes, weights)
-    mean, variance = moments_from_sums(shift, count, *shifted_sums(x, shift, reduction_axes, weights))
+    sums = shifted_sums(x, shift, reduction_axes, weights)
+    mean, variance = moments_from_sums(shift, count, *sums)
     return mean, variance, count
 
 
@@ -138,12 +219,12 @@ def gradient_sums(dy, x, mean, inv_std, reduction_axes, *, shift=0.0):
 
     `mean` is relative to `shift` (see `normalized`).
     """
-    g = _as_statistics_dtype(dy)
-    x_hat = normalized(x, mean, inv_std, shift)
-    return (
-        tf.reduce_sum(g, reduction_axes, keepdims=True),
-        tf.reduce_sum(g * x_hat, reduction_axes, keepdims=True),
-    )
+
+    def terms(dy, x, mean, inv_std, shift):
+        g = _as_statistics_dtype(dy)
+        return g, g * normalized(x, mean, inv_std, shift)
+
+    return tuple(_per_channel_sums(terms, [dy, x], [mean, inv_std, shift], reduction_axes))
 
 
 def input_gradient(

@@ -184,3 +184,32 @@ def test_inference_affine_is_the_inference_transform():
     np.testing.assert_allclose(
         y, reference.inference(x, gamma, beta, mean, var, (1,), 1e-3), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("shape,axes", [
+    ((37, 3, 5, 4), (3,)),        # rows not a multiple of the block: a tail block
+    ((6, 4, 3, 5), (1,)),         # channels-first: normalized axis inside the rows
+    ((5, 7, 6), (1, 2)),          # two normalized axes
+    ((300, 8), (1,)),             # dense
+])
+def test_blockwise_sums_match_reference(monkeypatch, shape, axes):
+    """Large tensors sum block by block in an XLA loop; force that path on small ones (and
+    blocks of a few rows) and check moments, output and gradients against float64."""
+    monkeypatch.setattr(kernel, "_BLOCKWISE_MIN_BYTES", 0)
+    monkeypatch.setattr(kernel, "_BLOCK_BYTES", 4 * 64)
+    rng = np.random.default_rng(5)
+    x = (1e3 + 2.0 * rng.standard_normal(shape)).astype(np.float32)
+    channel_shape = tuple(shape[a] for a in axes)
+    gamma = rng.uniform(0.5, 2.0, channel_shape).astype(np.float32)
+    beta = rng.standard_normal(channel_shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    y, mean, variance, _, dx, dgamma, dbeta = _run_fused(x, axes, gamma, beta, dy, 1e-3)
+    ref_y, ref_mean, ref_var, _ = reference.forward(x, gamma, beta, axes, 1e-3)
+    ref_dx, ref_dgamma, ref_dbeta = reference.backward(x, gamma, dy, axes, 1e-3)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-6)
+    np.testing.assert_allclose(variance, ref_var, rtol=1e-4)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-4, atol=1e-4 * _scale_of(ref_y))
+    dx_scale = _dx_term_scale(x, gamma, dy, axes, 1e-3)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-3, atol=1e-5 * dx_scale)
+    np.testing.assert_allclose(dgamma, ref_dgamma, rtol=1e-4, atol=1e-4 * _scale_of(ref_dgamma))
+    np.testing.assert_allclose(dbeta, ref_dbeta, rtol=1e-4, atol=1e-5 * _scale_of(ref_dbeta))
