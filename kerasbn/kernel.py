@@ -122,6 +122,33 @@ def _per_channel_sums(terms, full, per_channel, reduction_axes):
     return [tf.reshape(total + t, keepdims) for total, t in zip(totals, tail, strict=True)]
 
 
+def per_channel(weight, default, keepdims_shape):
+    """A (channel-shaped) parameter in keepdims shape and float32; `default` where it is None
+    (a BN without gamma or beta)."""
+    if weight is None:
+        return tf.fill(keepdims_shape, tf.constant(default, STATISTICS_DTYPE))
+    return tf.reshape(tf.cast(weight, STATISTICS_DTYPE), keepdims_shape)
+
+
+def mask_weights(inputs, mask):
+    """A Keras mask → float weights broadcastable to inputs (None stays None).
+
+    Keras masks carry no feature axis (e.g. (batch, time) for (batch, time, features)), so a
+    mask of one rank less gets a trailing axis; one of the inputs' rank is used as it is.
+    """
+    if mask is None:
+        return None
+    rank = len(inputs.shape)
+    if len(mask.shape) == rank - 1:
+        mask = tf.expand_dims(mask, -1)
+    elif len(mask.shape) != rank:
+        raise ValueError(
+            "The mask must have the inputs' rank or one less. Received: "
+            f"mask.shape={tuple(mask.shape)}, inputs.shape={tuple(inputs.shape)}"
+        )
+    return tf.cast(mask, STATISTICS_DTYPE)
+
+
 def reference_value(x, reduction_axes, weights=None):
     """A per-channel value close to the channel's data, used to shift the moment sums.
 

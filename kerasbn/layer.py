@@ -200,9 +200,7 @@ class BatchNormalization(keras.layers.Layer):
         return ops.cast(outputs, self.compute_dtype)
 
     def _per_channel(self, weight, default):
-        if weight is None:
-            return tf.fill(self._broadcast_shape, tf.constant(default, kernel.STATISTICS_DTYPE))
-        return tf.reshape(tf.cast(weight, kernel.STATISTICS_DTYPE), self._broadcast_shape)
+        return kernel.per_channel(weight, default, self._broadcast_shape)
 
     def _inference_call(self, inputs):
         scale, offset = kernel.inference_affine(
@@ -215,7 +213,7 @@ class BatchNormalization(keras.layers.Layer):
         return tf.cast(tf.cast(inputs, kernel.STATISTICS_DTYPE) * scale + offset, inputs.dtype)
 
     def _training_call(self, inputs, mask):
-        weights = self._mask_weights(inputs, mask)
+        weights = kernel.mask_weights(inputs, mask)
         batch_norm = _sync.select_batch_norm(self.synchronized)
         # Only an unsynchronized batch must hold m > 1 itself: a replica's share may hold one.
         if weights is None and batch_norm is kernel.fused_batch_norm:
@@ -240,21 +238,6 @@ class BatchNormalization(keras.layers.Layer):
                 "statistics (the paper's m), but this one has m = 1. Use a larger batch, or "
                 f"call the layer with training=False. Received: inputs.shape={tuple(inputs.shape)}"
             )
-
-    def _mask_weights(self, inputs, mask):
-        """Mask → float weights broadcastable to inputs, following Keras's convention."""
-        if mask is None:
-            return None
-        rank = len(inputs.shape)
-        if len(mask.shape) == rank - 1:
-            # Keras masks carry no feature axis (e.g. (batch, time) for (batch, time, features)).
-            mask = tf.expand_dims(mask, -1)
-        elif len(mask.shape) != rank:
-            raise ValueError(
-                "The mask must have the inputs' rank or one less. Received: "
-                f"mask.shape={tuple(mask.shape)}, inputs.shape={tuple(inputs.shape)}"
-            )
-        return tf.cast(mask, kernel.STATISTICS_DTYPE)
 
     def _update_statistics(self, mean, variance, count):
         if self.statistics == "population":

@@ -313,21 +313,6 @@ def _describe_inputs(x):
 # --- the probe: training-mode BN that records its batch moments -----------------------------
 
 
-def _mask_weights(inputs, mask):
-    """A Keras mask (inputs' rank, or one less: no feature axis) → float weights."""
-    if mask is None:
-        return None
-    if len(mask.shape) == len(inputs.shape) - 1:
-        mask = tf.expand_dims(mask, -1)
-    return tf.cast(mask, kernel.STATISTICS_DTYPE)
-
-
-def _per_channel(weight, default, shape):
-    if weight is None:
-        return tf.fill(shape, tf.constant(default, kernel.STATISTICS_DTYPE))
-    return tf.reshape(tf.cast(weight, kernel.STATISTICS_DTYPE), shape)
-
-
 # TensorFlow's own fused kernel (oneDNN on CPU, cuDNN on GPU) takes NHWC input in these dtypes,
 # raises epsilon to at least 1.001e-5, and returns the batch variance Bessel-corrected.
 _TF_FUSED_DTYPES = ("float16", "bfloat16", "float32")
@@ -370,14 +355,14 @@ class _Probe:
         rank = len(inputs.shape)
         axes = normalize_axes(layer.axis, rank)
         keepdims_shape = [inputs.shape[a] if a in axes else 1 for a in range(rank)]
-        gamma = _per_channel(layer.gamma if layer.scale else None, 1.0, keepdims_shape)
-        beta = _per_channel(layer.beta if layer.center else None, 0.0, keepdims_shape)
+        gamma = kernel.per_channel(layer.gamma if layer.scale else None, 1.0, keepdims_shape)
+        beta = kernel.per_channel(layer.beta if layer.center else None, 0.0, keepdims_shape)
         if self._tf_fused_applies(inputs, axes, mask):
             outputs, *moments = _tf_fused_batch_norm(inputs, gamma, beta, layer.epsilon)
         else:
             outputs, *moments = kernel.fused_batch_norm(
                 inputs, gamma, beta, reduction_axes=reduction_axes(axes, rank),
-                epsilon=layer.epsilon, weights=_mask_weights(inputs, mask),
+                epsilon=layer.epsilon, weights=kernel.mask_weights(inputs, mask),
             )
         shape = layer.moving_mean.shape
         self.records.append(tuple(tf.reshape(t, shape) for t in moments))
