@@ -12,6 +12,7 @@ the simplest kernel that moves bytes at full speed with the same read-and-write 
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import statistics
@@ -165,3 +166,18 @@ def best_copy_bandwidth(nbytes: int, *, repeats: int = 15) -> tuple[float, int]:
     candidates = sorted({1, len(os.sched_getaffinity(0))})
     results = [(copy_bandwidth(nbytes, repeats=repeats, threads=t), t) for t in candidates]
     return max(results)
+
+
+QUICK_REPEATS = 5
+
+
+def benchmark_parser(description: str, *, default_repeats: int, unit: str = "variant"):
+    """The arguments every benchmark script shares: `--quick` and `--repeats`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smoke run: {QUICK_REPEATS} repeats of short samples "
+                             "(noisy, not for records)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"samples per {unit} for the medians (default {default_repeats}, "
+                             f"--quick {QUICK_REPEATS})")
+    return parser

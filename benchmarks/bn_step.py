@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import kerasbn  # first: imports TensorFlow without its start-up noise
 
-import argparse
 import os
 import sys
 
@@ -233,11 +232,7 @@ def run_shape(label, shape, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 5 repeats of short samples (noisy, not for records)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="samples per variant for the medians (default 25, --quick 5)")
+    parser = _timing.benchmark_parser(__doc__.split("\n\n")[0], default_repeats=25)
     args = parser.parse_args(argv)
     # Each variant is its own tf.function around the same Python step, which TensorFlow's
     # retracing warning counts as retracing: expected here, so keep it out of the tables.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import kerasbn  # first: imports TensorFlow without its start-up noise
 
-import argparse
 import os
 import sys
 
@@ -75,11 +74,9 @@ def synthetic_batch(batch_size, seed=0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 5 repeats of short samples (noisy, not for records)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="samples per model for the medians (default 20, --quick 5)")
+    parser = _timing.benchmark_parser(
+        __doc__.split("\n\n")[0], default_repeats=20, unit="model"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
     parser.add_argument("--blocks", type=int, default=1, help="residual blocks per stage")
     args = parser.parse_args(argv)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import kerasbn  # first: imports TensorFlow without its start-up noise
 
-import argparse
 import os
 import sys
 
@@ -90,11 +89,7 @@ def training_step(strategy, make_bn):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 5 repeats of short samples (noisy, not for records)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="samples per variant for the medians (default 25, --quick 5)")
+    parser = _timing.benchmark_parser(__doc__.split("\n\n")[0], default_repeats=25)
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 5 if args.quick else 25
