@@ -1,11 +1,24 @@
 # The two quickstart commands, `make demo` and `make test`, work on a fresh machine with only
 # Python 3 and make: the first call creates .venv and installs; later calls reuse it.
+#
+# Another Python: `make test PYTHON=python3.13` builds and uses .venv-py3.13 (one virtualenv per
+# Python version, so switching back and forth reinstalls nothing).
+# The next Keras: `make test-keras-next` runs the suite in .venv-next, where the newest
+# keras-nightly from PyPI replaces the pinned keras.
 PYTHON ?= python3
-VENV := .venv
+ifeq ($(origin PYTHON),file)
+VENV ?= .venv
+else
+PYTHON_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+$(if $(PYTHON_VERSION),,$(error PYTHON=$(PYTHON) does not run))
+VENV ?= .venv-py$(PYTHON_VERSION)
+endif
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+NEXT := .venv-next
+LINTED := kerasbn export tests examples benchmarks
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench zoo test-keras-next clean
 
 setup: $(INSTALLED)
 
@@ -23,14 +36,33 @@ demo: $(INSTALLED)
 	$(BIN)/python examples/convnet_export.py
 
 test: $(INSTALLED)
-	$(BIN)/python -m ruff check kerasbn export tests examples benchmarks
+	$(BIN)/python -m ruff check $(LINTED)
 	$(BIN)/python -m pytest
 
 lint: $(INSTALLED)
-	$(BIN)/python -m ruff check kerasbn export tests examples benchmarks
+	$(BIN)/python -m ruff check $(LINTED)
 
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/bn_step.py
 
+# Every keras.applications architecture through to_onnx and through Keras's own ONNX export.
+zoo: $(INSTALLED)
+	$(BIN)/python benchmarks/zoo.py
+
+# keras-nightly installs the same `keras` package as keras, so keras is removed first; pip
+# then warns that kerasbn's keras requirement is unmet, which is the point of this run.
+$(NEXT)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(NEXT)
+	$(NEXT)/bin/python -m pip install --quiet --upgrade pip
+	$(NEXT)/bin/python -m pip install --quiet -e '.[dev]'
+	$(NEXT)/bin/python -m pip uninstall --quiet --yes keras
+	$(NEXT)/bin/python -m pip install --quiet --upgrade --pre keras-nightly
+	touch $@
+
+test-keras-next: $(NEXT)/.installed
+	$(NEXT)/bin/python -m pip install --quiet --upgrade --pre keras-nightly
+	$(NEXT)/bin/python -c 'import keras; print("keras", keras.__version__)'
+	$(NEXT)/bin/python -m pytest
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf .venv .venv-py* $(NEXT) build dist *.egg-info

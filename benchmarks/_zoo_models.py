@@ -1,0 +1,211 @@
+"""The keras.applications zoo as the benchmark and the tests build it, and how to read its exports.
+
+Shared by `benchmarks/zoo.py` (every architecture) and `tests/test_zoo.py` (one per family), so
+both measure the same models:
+
+  * `architectures()`: every model constructor `keras.applications` of the installed Keras
+    exports, found by inspecting the module (a new Keras adds rows by itself);
+  * `family(name)`: the architecture's family, from the module that defines it;
+  * `construct(name)`: the model with `weights=None` and logits out, at the smallest square
+    input it accepts;
+  * `build(name)`: that model with every BatchNormalization given statistics and γ/β that are
+    non-trivial yet keep activations in range (see `build`);
+  * `bn_arithmetic(proto, model)`: which ONNX nodes still compute a BN layer's affine map.
+
+Nothing here prints or touches the process's streams: the programs that use it do that.
+"""
+
+from __future__ import annotations
+
+import kerasbn
+
+import collections
+import re
+import sys
+
+import keras
+import numpy as np
+
+# The smallest member (fewest parameters, measured with Keras 3.15 at each minimum size) of each
+# family: what CI and `zoo.py --quick` run. A family this table does not know (a new Keras)
+# falls back to its first member by name, so it is still covered.
+SMALLEST = {
+    "convnext": "ConvNeXtTiny",
+    "densenet": "DenseNet121",
+    "efficientnet": "EfficientNetB0",
+    "efficientnet_v2": "EfficientNetV2B0",
+    "inception_resnet_v2": "InceptionResNetV2",
+    "inception_v3": "InceptionV3",
+    "mobilenet": "MobileNet",
+    "mobilenet_v2": "MobileNetV2",
+    "mobilenet_v3": "MobileNetV3Small",
+    "nasnet": "NASNetMobile",
+    "resnet": "ResNet50",
+    "resnet_v2": "ResNet50V2",
+    "vgg": "VGG16",
+    "xception": "Xception",
+}
+
+# Statistics: set from a population pass over random images, then moved by this relative amount
+# (the mean by this many standard deviations), so no BN is an identity or a pure standardization.
+PERTURBATION = 0.05
+STATISTICS_IMAGES = 16
+_LARGEST_SIDE = 600  # no keras.applications model needs more (EfficientNetB7 is made for 600)
+
+
+def architectures() -> dict[str, object]:
+    """Every model constructor of `keras.applications`, by name (sorted)."""
+    found = {}
+    for name in dir(keras.applications):
+        constructor = getattr(keras.applications, name)
+        module = getattr(constructor, "__module__", "") or ""
+        # Constructors are the capitalized functions defined in an applications module;
+        # the lower-case attributes are those modules themselves (and their preprocess_input).
+        if name[:1].isupper() and callable(constructor) and ".applications." in module:
+            found[name] = constructor
+    return dict(sorted(found.items()))
+
+
+def family(name: str) -> str:
+    """The architecture's family: its defining module, less a trailing depth ("vgg16" → "vgg")."""
+    module = architectures()[name].__module__.rsplit(".", 1)[-1]
+    # Two or more digits right after a letter are a depth (vgg16, vgg19); "mobilenet_v2",
+    # "inception_v3" and "resnet_v2" are versions, families of their own.
+    return re.sub(r"(?<=[a-z])\d{2,}$", "", module)
+
+
+def families() -> dict[str, list[str]]:
+    """Family → its architectures, both sorted."""
+    grouped = collections.defaultdict(list)
+    for name in architectures():
+        grouped[family(name)].append(name)
+    return dict(sorted(grouped.items()))
+
+
+def smallest_per_family() -> dict[str, str]:
+    """Family → the architecture CI runs for it (see `SMALLEST`)."""
+    return {
+        group: SMALLEST[group] if SMALLEST.get(group) in members else members[0]
+        for group, members in families().items()
+    }
+
+
+def construct(name: str, *, at_least: int = 1):
+    """`name` with `weights=None` and logits out, at the smallest square input ≥ `at_least` it
+    accepts: (model, side).
+
+    The constructors refuse small inputs before building anything (InceptionV3 wants 75,
+    Xception 71, most 32), so trying every side upward costs one build.
+    """
+    constructor = architectures()[name]
+    for size in range(at_least, max(at_least, _LARGEST_SIDE) + 1):
+        try:
+            model = constructor(
+                weights=None, input_shape=(size, size, 3), classifier_activation=None
+            )
+        except ValueError:
+            continue
+        return model, size
+    raise ValueError(
+        f"{name} accepts no square input from {at_least} to {_LARGEST_SIDE}. "
+        f"Received: at_least={at_least}"
+    )
+
+
+def preprocess(name: str, images: np.ndarray) -> np.ndarray:
+    """`images` (pixels 0–255) as the architecture's own `preprocess_input` prepares them."""
+    module = sys.modules[architectures()[name].__module__]
+    return np.asarray(module.preprocess_input(images.copy()), dtype="float32")
+
+
+def random_images(name: str, size: int, count: int, seed: int = 0) -> np.ndarray:
+    """`count` uniform random pixel images, preprocessed for `name`."""
+    rng = np.random.default_rng(seed)
+    return preprocess(name, rng.uniform(0.0, 255.0, (count, size, size, 3)).astype("float32"))
+
+
+def batch_norm_layers(model) -> list:
+    """Every BatchNormalization layer (Keras's or kerasbn's) of `model`, nested ones included."""
+    kinds = (keras.layers.BatchNormalization, kerasbn.BatchNormalization)
+    return [layer for layer in model._flatten_layers() if isinstance(layer, kinds)]
+
+
+def build(name: str, *, at_least: int = 1, seed: int = 0):
+    """(model, side): `construct(name, at_least=at_least)` with non-trivial BN parameters.
+
+    Random statistics let activations grow through hundreds of layers (EfficientNetV2L reached
+    1e7), which tests float32 rounding rather than the export. So, per BN layer: γ = ±U(0.8, 1.2)
+    (both signs: a negative scale is a case folding must get right) and β ~ N(0, 0.1); then one
+    `kerasbn.population_statistics` pass over random preprocessed images sets mean and variance
+    to what those images produce; then mean moves by N(0, 1)·PERTURBATION standard deviations
+    and variance by a factor 1 + U(−1, 1)·PERTURBATION. Every BN then stays close to a
+    standardization (activations in range) without being one.
+    """
+    keras.utils.set_random_seed(seed)
+    model, size = construct(name, at_least=at_least)
+    layers = batch_norm_layers(model)
+    if not layers:
+        return model, size
+    rng = np.random.default_rng(seed)
+    for layer in layers:
+        shape = tuple(layer.moving_mean.shape)
+        if layer.scale:
+            sign = rng.choice([-1.0, 1.0], shape)
+            layer.gamma.assign(sign * rng.uniform(0.8, 1.2, shape))
+        if layer.center:
+            layer.beta.assign(rng.normal(0.0, 0.1, shape))
+    kerasbn.population_statistics(
+        model, random_images(name, size, STATISTICS_IMAGES, seed), batch_size=8, verbose=0
+    )
+    for layer in layers:
+        shape = tuple(layer.moving_mean.shape)
+        mean = np.asarray(layer.moving_mean)
+        variance = np.asarray(layer.moving_variance)
+        std = np.sqrt(variance + layer.epsilon)
+        layer.moving_mean.assign(mean + PERTURBATION * std * rng.standard_normal(shape))
+        layer.moving_variance.assign(
+            variance * (1.0 + PERTURBATION * rng.uniform(-1.0, 1.0, shape))
+        )
+    return model, size
+
+
+BN_ARITHMETIC_OPS = ("Mul", "Add", "Sub")
+
+
+def bn_arithmetic(proto, model, bn_names=None) -> collections.Counter:
+    """BN layer name → the ONNX Mul/Add/Sub nodes of `proto` that belong to that layer.
+
+    tf2onnx names a node after the TensorFlow op it came from, whose name is the path of Keras
+    name scopes: ".../<model>/<layer>/batchnorm/mul_1". A node belongs to a BN layer when one
+    component of its name is the layer's name, or the name with TensorFlow's "_N" suffix for a
+    reused scope ("conv1_bn_1") provided no other layer of the model has that name. Only the
+    names in `bn_names` (default: every BN layer of `model`) are counted. Arithmetic tf2onnx
+    merged into a Conv is gone from the graph, so it is not counted: this is what is left.
+    """
+    bn = {layer.name for layer in batch_norm_layers(model)}
+    wanted = bn if bn_names is None else set(bn_names)
+    others = {layer.name for layer in model._flatten_layers()} - bn
+
+    def owner(component):
+        if component in bn:
+            return component
+        if component in others:
+            return None
+        stem = re.sub(r"_\d+$", "", component)
+        return stem if stem in bn else None
+
+    counts = collections.Counter()
+    for node in proto.graph.node:
+        if node.op_type not in BN_ARITHMETIC_OPS:
+            continue
+        for component in node.name.split("/"):
+            layer = owner(component)
+            if layer is not None:
+                if layer in wanted:
+                    counts[layer] += 1
+                break
+    return counts
+
+
+def op_count(proto, op_type: str) -> int:
+    return sum(node.op_type == op_type for node in proto.graph.node)
