@@ -13,8 +13,10 @@ import keras
 import numpy as np
 import pytest
 
+from tests.helpers import Subclassed, all_layers, bn_layers, randomize_bn
+
 L = keras.layers
-BN_TYPES = (kerasbn.BatchNormalization, L.BatchNormalization)
+
 
 
 # --- shared helpers ---------------------------------------------------------------------------
@@ -25,32 +27,6 @@ def _fresh_session():
     """Layer names restart in every test: reasons quote them. (Without the full gc.collect,
     which takes half a second per test here.)"""
     keras.backend.clear_session(free_memory=False)
-
-
-def all_layers(model):
-    """Every layer of `model` and its nested models, each once."""
-    found = {}
-    for layer in model.layers:
-        found[id(layer)] = layer
-        if isinstance(layer, keras.Model):
-            found.update((id(inner), inner) for inner in all_layers(layer))
-    return list(found.values())
-
-
-def bn_layers(model):
-    return [layer for layer in all_layers(model) if isinstance(layer, BN_TYPES)]
-
-
-def randomize_bn(model, rng):
-    """Non-trivial statistics and parameters: γ of both signs, means off zero, var ≠ 1."""
-    for bn in bn_layers(model):
-        shape = tuple(bn.moving_mean.shape)
-        if bn.gamma is not None:
-            bn.gamma.assign(rng.uniform(0.5, 1.5, shape) * rng.choice([-1.0, 1.0], shape))
-        if bn.beta is not None:
-            bn.beta.assign(rng.normal(0.0, 0.5, shape))
-        bn.moving_mean.assign(rng.normal(0.0, 0.5, shape))
-        bn.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
 
 
 def sample_inputs(model, rng, batch=2):
@@ -661,15 +637,6 @@ def test_original_model_is_never_mutated(rng):
 
 
 # --- bad input and broken invariants -------------------------------------------------------------
-
-
-class Subclassed(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.dense = L.Dense(2)
-
-    def call(self, x):
-        return self.dense(x)
 
 
 def test_refuses_what_is_not_a_keras_model():
