@@ -75,6 +75,7 @@ def convert(model, *, opset=17, input_names=None, output_names=None):
             opset=opset,
             tensors_to_rename=renames,
         )
+    _set_conv_groups(proto)
     _check_graph(proto, input_names, opset)
     return proto
 
@@ -125,6 +126,40 @@ def _drop_attributes(node):
     for name in _NOT_INLINED:
         if name in node.attr:
             del node.attr[name]
+
+
+def _set_conv_groups(proto):
+    """Give every ONNX Conv the group count its shapes imply.
+
+    tf2onnx 1.17 derives a convolution's groups only for the 4-D data formats (NHWC, NCHW): a
+    grouped Conv3D comes out with group=1, which ONNX Runtime refuses (input channels ≠ kernel
+    channels · group). With input channels C and a kernel of C/g input channels, g is the only
+    group count that fits.
+    """
+    shapes = _static_shapes(proto)
+    for node in proto.graph.node:
+        if node.op_type != "Conv":
+            continue
+        x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if not x or not w or len(x) < 2 or len(w) < 2 or not (x[1] > 0 and w[1] > 0):
+            continue
+        group = next((a for a in node.attribute if a.name == "group"), None)
+        current = group.i if group is not None else 1
+        if x[1] != w[1] * current and x[1] % w[1] == 0:
+            if group is None:
+                node.attribute.append(onnx.helper.make_attribute("group", x[1] // w[1]))
+            else:
+                group.i = x[1] // w[1]
+
+
+def _static_shapes(proto):
+    """Tensor name → its shape (0 for an unknown size), as ONNX shape inference finds them."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    shapes = {i.name: tuple(i.dims) for i in inferred.graph.initializer}
+    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = tuple(d.dim_value for d in dims)
+    return shapes
 
 
 def _check_graph(proto, input_names, opset):

@@ -559,6 +559,46 @@ def _nested_model():
     return keras.Model(inputs, L.Dense(2)(x), name="outer")
 
 
+def test_raw_operations_in_the_graph_are_kept_and_reused(rng):
+    inputs = keras.Input((6, 6, 3))
+    x = L.BatchNormalization()(L.Conv2D(4, 3, use_bias=False)(inputs))
+    x = keras.ops.multiply(x, 2.0)  # a raw operation: not a layer, no weights
+    y = L.BatchNormalization()(L.Conv2D(4, 3, use_bias=False)(inputs))
+    model = keras.Model(inputs, keras.ops.add(x, y))
+    randomize_bn(model, rng)
+    folded, report = fold_batchnorm(model)
+    assert len(report.folded) == 2 and bn_layers(folded) == []
+    raw = [op for op in folded.operations if not isinstance(op, L.Layer)]
+    assert sorted(type(op).__name__ for op in raw) == ["Add", "Multiply"]
+    assert_agree(model, folded, sample_inputs(model, rng))
+
+
+def test_masking_model_folds_and_keeps_its_mask(rng):
+    inputs = keras.Input((5, 3))
+    x = L.Masking()(inputs)
+    x = L.BatchNormalization()(L.Dense(4, use_bias=False)(x))
+    model = keras.Model(inputs, L.LSTM(2)(x))
+    randomize_bn(model, rng)
+    folded, report = fold_batchnorm(model)
+    assert len(report.folded) == 1
+    x = rng.standard_normal((3, 5, 3)).astype("float32")
+    x[0, 2:] = 0.0  # masked steps: the LSTM skips them only if the mask survived
+    assert_agree(model, folded, x)
+
+
+def test_bn_called_inside_a_wrapper_is_reported_as_kept(rng):
+    inputs = keras.Input((4, 6))
+    x = L.TimeDistributed(L.BatchNormalization(name="inner_bn"), name="td")(inputs)
+    model = keras.Model(inputs, L.BatchNormalization()(L.Dense(3, use_bias=False)(x)))
+    randomize_bn(model, rng)
+    folded, report = fold_batchnorm(model)
+    assert [(r.bn, r.action) for r in report.records] == [
+        ("td/inner_bn", "kept"), ("batch_normalization", "folded")
+    ]
+    assert "called inside 'td' (TimeDistributed)" in report.kept[0].reason
+    assert_agree(model, folded, sample_inputs(model, rng))
+
+
 def test_nested_models_are_folded_inside_and_keep_their_kind(rng):
     model = _nested_model()
 

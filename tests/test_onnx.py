@@ -99,6 +99,60 @@ def test_node_counts_show_what_tf2onnx_leaves_unfolded(rng, tmp_path):
     assert (report.node_count, report.unfolded_node_count) == (2, 3)  # MatMul, Add (+ Mul)
 
 
+# --- layers Keras computes in ways tf2onnx cannot read as they are --------------------------------
+
+# Keras's TensorFlow backend runs these convolutions through an XLA-compiled function on CPU
+# (grouped ones; channels_first 3-D; with newer Keras, channels_first 1-D and 2-D too).
+XLA_CONVOLUTIONS = {
+    "conv1d_groups": ((9, 4), L.Conv1D, {"filters": 6, "kernel_size": 3, "groups": 2}, -1),
+    "conv2d_groups": ((8, 8, 4), L.Conv2D, {"filters": 6, "kernel_size": 3, "groups": 2}, -1),
+    "conv3d_groups": ((5, 5, 5, 4), L.Conv3D, {"filters": 4, "kernel_size": 2, "groups": 4}, -1),
+    "conv3d_channels_first": ((4, 6, 6, 6), L.Conv3D, {"filters": 5, "kernel_size": 3, **CF}, 1),
+    "conv1d_channels_first": ((4, 9), L.Conv1D, {"filters": 5, "kernel_size": 3, **CF}, 1),
+    "conv2d_channels_first_groups": ((4, 7, 7), L.Conv2D, {"filters": 6, "kernel_size": 3,
+                                                           "groups": 2, **CF}, 1),
+}
+
+
+@pytest.mark.parametrize("case", XLA_CONVOLUTIONS.values(), ids=XLA_CONVOLUTIONS.keys())
+def test_convolutions_keras_compiles_with_xla_export_as_plain_conv(case, rng, tmp_path):
+    shape, layer, arguments, axis = case
+    inputs = keras.Input(shape)
+    outputs = L.BatchNormalization(axis=axis)(layer(**arguments, use_bias=False)(inputs))
+    model = keras.Model(inputs, outputs)
+    randomize_bn(model, rng)
+    report = to_onnx(model, tmp_path / "m.onnx", baseline=False)
+    assert fold_counts(report) == (1, 0, 0)
+    ops = operators(tmp_path / "m.onnx")
+    assert ops["Conv"] == 1 and "BatchNormalization" not in ops
+    assert not [op for op in ops if "Call" in op]
+
+
+def test_captured_constants_become_initializers_not_inputs(rng, tmp_path):
+    # Keras's Normalization layer keeps its mean and variance as constant tensors, which a
+    # traced function captures: EfficientNet starts with one.
+    inputs = keras.Input((4,), name="x")
+    normalization = L.Normalization(mean=[1.0, 2.0, 3.0, 4.0], variance=[1.0, 4.0, 9.0, 16.0])
+    model = keras.Model(inputs, L.BatchNormalization()(L.Dense(3)(normalization(inputs))))
+    randomize_bn(model, rng)
+    to_onnx(model, tmp_path / "m.onnx")
+    proto = onnx.load(tmp_path / "m.onnx")
+    assert [i.name for i in proto.graph.input] == ["x"]
+
+
+def test_raw_operations_and_masks_export(rng, tmp_path):
+    inputs = keras.Input((5, 3))
+    x = L.Masking()(inputs)  # its mask is a raw NotEqual operation in the graph
+    x = L.BatchNormalization()(L.Dense(4, use_bias=False)(x))
+    x = keras.ops.multiply(L.LSTM(3)(x), 2.0)
+    model = keras.Model(inputs, keras.ops.add(x, 1.0))
+    randomize_bn(model, rng)
+    samples = rng.standard_normal((4, 5, 3)).astype("float32")
+    samples[0, 2:] = 0.0  # masked steps
+    report = to_onnx(model, tmp_path / "m.onnx", samples=samples)
+    assert fold_counts(report) == (1, 0, 0) and report.verification.passed
+
+
 # --- models, inputs and outputs ------------------------------------------------------------------
 
 
@@ -296,12 +350,31 @@ def test_bad_arguments_raise_before_anything_is_written(arguments, message, rng,
     assert os.listdir(tmp_path) == []
 
 
-def test_bad_paths_raise(rng, tmp_path):
-    model = producer_model("dense", rng, bn=L.BatchNormalization)
-    with pytest.raises(ValueError, match="directory of `path` does not exist"):
-        to_onnx(model, tmp_path / "missing" / "m.onnx")
-    with pytest.raises(ValueError, match="not a directory"):
-        to_onnx(model, tmp_path)
+@pytest.mark.parametrize(
+    "model, path, arguments, error, message",
+    [
+        (None, "m.onnx", {}, TypeError, "`model` must be a Keras model. Received: model=None"),
+        ("MODEL", "", {}, ValueError, "`path` must name a file. Received: path=''"),
+        ("MODEL", None, {}, TypeError, "`path` must be a file path. Received: path=None"),
+        ("MODEL", "missing/m.onnx", {}, ValueError, "directory of `path` does not exist"),
+        ("MODEL", ".", {}, ValueError, "not a directory"),
+        ("MODEL", "m.onnx", {"fold": "no"}, TypeError, "Received: fold='no'"),
+        # Zero rows would leave nothing to verify: refused, not written unverified.
+        ("MODEL", "m.onnx", {"samples": np.zeros((0, 6)), "random_samples": 0}, ValueError,
+         r"`samples` holds no examples \(0 rows\)"),
+    ],
+)
+def test_bad_model_or_path_raise_before_anything_changes(
+    model, path, arguments, error, message, rng, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.onnx").write_bytes(b"previous export")
+    model = producer_model("dense", rng, bn=L.BatchNormalization) if model == "MODEL" else model
+    monkeypatch.setattr(onnx_module, "fold_batchnorm", lambda m: pytest.fail("work started"))
+    with pytest.raises(error, match=message):
+        to_onnx(model, path, **arguments)
+    assert os.listdir(tmp_path) == ["m.onnx"]
+    assert (tmp_path / "m.onnx").read_bytes() == b"previous export"
 
 
 def test_unbuilt_model_raises():
