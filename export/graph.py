@@ -55,14 +55,19 @@ Preconditions, checked in this order (each is one function below and one test):
     that cannot fold forward either, is "refused".
 
 Folds do not cross the boundary of a nested model: its BN layers are folded inside it, and a BN
-right after a nested model has no producer here. Bad input (not a Keras model, a subclassed
-model, an unbuilt Sequential) raises TypeError/ValueError; a broken invariant after the rewrite
-raises RuntimeError.
+right after a nested model has no producer here. A BN that a layer calls inside its own `call`
+(a `TimeDistributed` wrapper, a subclassed layer or model) is not in any graph: it is "kept" and
+recorded with that reason. Raw operations in a functional graph (`keras.ops.add(x, y)`, the
+`NotEqual` behind a Masking layer's mask) hold no state and are reused as they are.
+
+Bad input (not a Keras model, a subclassed model, an unbuilt Sequential) raises
+TypeError/ValueError; a broken invariant after the rewrite raises RuntimeError.
 """
 
 from __future__ import annotations
 
 from kerasbn import BatchNormalization as KerasbnBatchNormalization
+from kerasbn import _keras_compat
 from kerasbn._axes import normalize_axes
 from kerasbn.export.fold import fold, fold_forward
 from kerasbn.export.report import FoldRecord, FoldReport
@@ -73,10 +78,6 @@ import functools
 
 import keras
 import numpy as np
-
-# Keras has no public name for the class behind `keras.Model(inputs, outputs)`.
-from keras.src.models.functional import Functional
-from keras.src.saving.serialization_lib import SafeModeScope  # no public scoped form
 
 _L = keras.layers
 BN_CLASSES = (KerasbnBatchNormalization, _L.BatchNormalization)
@@ -125,19 +126,15 @@ def fold_batchnorm(model):
 # --- input -----------------------------------------------------------------------------------
 
 
-def _is_graph_model(layer):
-    return isinstance(layer, (keras.Sequential, Functional))
-
-
 def _check_model(model):
     if not isinstance(model, keras.Model):
         raise TypeError(f"fold_batchnorm needs a Keras model. Received: model={model!r}")
-    if not _is_graph_model(model):
+    if not _keras_compat.is_graph_model(model):
         raise TypeError(
             "fold_batchnorm needs a Sequential or Functional model: a subclassed model does not "
             f"show how its layers connect. Received: model={model!r}"
         )
-    if isinstance(model, keras.Sequential) and model._functional is None:
+    if isinstance(model, keras.Sequential) and not _keras_compat.is_built_sequential(model):
         raise ValueError(
             "The Sequential model is not built: start it with keras.Input(shape) or call "
             f"model.build(input_shape) first. Received: model={model!r}"
@@ -151,28 +148,14 @@ class _Graph:
     """The call nodes of one model (not of its nested models) and who reads each tensor."""
 
     def __init__(self, model):
-        # A built Sequential keeps its graph in an inner Functional.
-        function = model._functional if isinstance(model, keras.Sequential) else model
-        self.nodes = [
-            node
-            for depth in sorted(function._nodes_by_depth, reverse=True)  # inputs first
-            for node in function._nodes_by_depth[depth]
-            if not node.is_input
-        ]
-        self.outputs = {id(t) for t in function.outputs}
+        self.nodes = _keras_compat.graph_nodes(model)
+        self.outputs = {id(t) for t in _keras_compat.graph_outputs(model)}
         self.readers = collections.defaultdict(list)
         for node in self.nodes:
             for tensor in node.input_tensors:
                 self.readers[id(tensor)].append(node)
 
-    @staticmethod
-    def producer(tensor):
-        """(layer, node) that made `tensor`, or (None, None) for a model input."""
-        history = tensor._keras_history
-        layer = history.operation
-        if layer is None or isinstance(layer, _L.InputLayer):
-            return None, None
-        return layer, layer._inbound_nodes[history.node_index]
+    producer = staticmethod(_keras_compat.producer)
 
     def feeds_only(self, tensor, node):
         """Whether `node` is the one reader of `tensor` and `tensor` is not a model output."""
@@ -192,7 +175,7 @@ def _graphs(model):
         graph = _Graph(model)
         found.append((prefix, graph))
         for node in graph.nodes:
-            if _is_graph_model(node.operation):
+            if _keras_compat.is_graph_model(node.operation):
                 visit(node.operation, f"{prefix}{node.operation.name}/")
 
     visit(model, "")
@@ -258,7 +241,7 @@ def _bn_is_exact_class(site):
 
 
 def _bn_not_training(site):
-    if site.bn_node.arguments.kwargs.get("training") is True:
+    if _keras_compat.node_keyword_arguments(site.bn_node).get("training") is True:
         return (
             "it is called with training=True in the graph, so it normalizes with batch "
             "statistics, which no fixed kernel can reproduce"
@@ -451,9 +434,14 @@ class _Planner:
         planned = set()  # a shared BN is refused once, at its first call
         for prefix, graph in graphs:
             for node in graph.nodes:
-                if isinstance(node.operation, BN_CLASSES) and id(node.operation) not in planned:
-                    planned.add(id(node.operation))
+                operation = node.operation
+                if isinstance(operation, BN_CLASSES) and id(operation) not in planned:
+                    planned.add(id(operation))
                     self.records.append(self._plan_bn(graph, node, prefix))
+                elif _calls_layers_itself(operation):
+                    for bn in _hidden_bn_layers(operation, planned):
+                        planned.add(id(bn))
+                        self.records.append(_hidden_record(prefix, operation, bn))
 
     def _site(self, graph, bn_node, layer=None, node=None):
         return _Site(graph, bn_node.operation, bn_node, layer, node, self.calls)
@@ -529,6 +517,32 @@ class _Planner:
         return None
 
 
+def _calls_layers_itself(operation):
+    return isinstance(operation, keras.layers.Layer) and not (
+        _keras_compat.is_graph_model(operation) or isinstance(operation, BN_CLASSES)
+    )
+
+
+def _hidden_bn_layers(layer, planned):
+    """BN layers that `layer` (a wrapper such as TimeDistributed, or a subclassed layer or
+    model) calls inside its own `call`, where the graph does not show them."""
+    return [
+        inner
+        for inner in _keras_compat.sublayers(layer)
+        if isinstance(inner, BN_CLASSES) and id(inner) not in planned
+    ]
+
+
+def _hidden_record(prefix, layer, bn):
+    return FoldRecord(
+        f"{prefix}{layer.name}/{bn.name}",
+        None,
+        "kept",
+        f"it is called inside '{layer.name}' ({type(layer).__name__}), whose own code calls "
+        "it; folds rewrite only the model's graph of layers",
+    )
+
+
 def _bn_arguments(bn):
     statistics = _statistics(bn)
     return dict(
@@ -547,7 +561,7 @@ def _variables(layer):
 def _no_producer(producer):
     if producer is None:
         return "it reads a model input, with no layer before it to fold into"
-    if _is_graph_model(producer):
+    if _keras_compat.is_graph_model(producer):
         return (
             f"'{producer.name}' before it is a nested model, and folds do not cross model "
             "boundaries"
@@ -580,7 +594,7 @@ def _new_input(tensor):
     """A fresh Input like `tensor`, named after its InputLayer (clone_model would name it after
     the tensor, and input names reach the ONNX graph)."""
     return keras.Input(
-        batch_shape=tensor.shape, dtype=tensor.dtype, name=tensor._keras_history.operation.name
+        batch_shape=tensor.shape, dtype=tensor.dtype, name=_keras_compat.layer_name(tensor)
     )
 
 
@@ -607,9 +621,13 @@ class _Rebuilder:
     def _new_layer(self, layer):
         if id(layer) in self.plan.removed:
             return _Bypass()
+        if not isinstance(layer, keras.layers.Layer):
+            # A raw operation in a functional graph (`keras.ops.add`, the `NotEqual` behind a
+            # Masking layer's mask): it holds no state, so the new graph can call it as it is.
+            return layer
         if isinstance(layer, keras.Sequential):
             return self._rebuild_sequential(layer)
-        if isinstance(layer, Functional):
+        if _keras_compat.is_functional(layer):
             return keras.models.clone_model(
                 layer,
                 input_tensors=keras.tree.map_structure(_new_input, layer.input),
@@ -619,10 +637,7 @@ class _Rebuilder:
         config = layer.get_config()
         if id(layer) in self.plan.weights:
             config["use_bias"] = True  # a fold always gives the layer a bias
-        # The layer is already in memory, so its code is already trusted: safe mode (which
-        # refuses a Lambda's function in `from_config`) protects loading, not cloning.
-        with SafeModeScope(False):
-            new = type(layer).from_config(config)
+        new = _keras_compat.layer_from_config(type(layer), config)
         self.pairs.append((layer, new))
         return new
 
@@ -657,7 +672,7 @@ def _all_layers(model):
     found = {}
     for layer in model.layers:
         found[id(layer)] = layer
-        if _is_graph_model(layer):
+        if _keras_compat.is_graph_model(layer):
             found.update((id(inner), inner) for inner in _all_layers(layer))
     return list(found.values())
 

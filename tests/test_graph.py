@@ -13,8 +13,10 @@ import keras
 import numpy as np
 import pytest
 
+from tests.helpers import Subclassed, all_layers, bn_layers, randomize_bn
+
 L = keras.layers
-BN_TYPES = (kerasbn.BatchNormalization, L.BatchNormalization)
+
 
 
 # --- shared helpers ---------------------------------------------------------------------------
@@ -25,32 +27,6 @@ def _fresh_session():
     """Layer names restart in every test: reasons quote them. (Without the full gc.collect,
     which takes half a second per test here.)"""
     keras.backend.clear_session(free_memory=False)
-
-
-def all_layers(model):
-    """Every layer of `model` and its nested models, each once."""
-    found = {}
-    for layer in model.layers:
-        found[id(layer)] = layer
-        if isinstance(layer, keras.Model):
-            found.update((id(inner), inner) for inner in all_layers(layer))
-    return list(found.values())
-
-
-def bn_layers(model):
-    return [layer for layer in all_layers(model) if isinstance(layer, BN_TYPES)]
-
-
-def randomize_bn(model, rng):
-    """Non-trivial statistics and parameters: γ of both signs, means off zero, var ≠ 1."""
-    for bn in bn_layers(model):
-        shape = tuple(bn.moving_mean.shape)
-        if bn.gamma is not None:
-            bn.gamma.assign(rng.uniform(0.5, 1.5, shape) * rng.choice([-1.0, 1.0], shape))
-        if bn.beta is not None:
-            bn.beta.assign(rng.normal(0.0, 0.5, shape))
-        bn.moving_mean.assign(rng.normal(0.0, 0.5, shape))
-        bn.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
 
 
 def sample_inputs(model, rng, batch=2):
@@ -583,6 +559,46 @@ def _nested_model():
     return keras.Model(inputs, L.Dense(2)(x), name="outer")
 
 
+def test_raw_operations_in_the_graph_are_kept_and_reused(rng):
+    inputs = keras.Input((6, 6, 3))
+    x = L.BatchNormalization()(L.Conv2D(4, 3, use_bias=False)(inputs))
+    x = keras.ops.multiply(x, 2.0)  # a raw operation: not a layer, no weights
+    y = L.BatchNormalization()(L.Conv2D(4, 3, use_bias=False)(inputs))
+    model = keras.Model(inputs, keras.ops.add(x, y))
+    randomize_bn(model, rng)
+    folded, report = fold_batchnorm(model)
+    assert len(report.folded) == 2 and bn_layers(folded) == []
+    raw = [op for op in folded.operations if not isinstance(op, L.Layer)]
+    assert sorted(type(op).__name__ for op in raw) == ["Add", "Multiply"]
+    assert_agree(model, folded, sample_inputs(model, rng))
+
+
+def test_masking_model_folds_and_keeps_its_mask(rng):
+    inputs = keras.Input((5, 3))
+    x = L.Masking()(inputs)
+    x = L.BatchNormalization()(L.Dense(4, use_bias=False)(x))
+    model = keras.Model(inputs, L.LSTM(2)(x))
+    randomize_bn(model, rng)
+    folded, report = fold_batchnorm(model)
+    assert len(report.folded) == 1
+    x = rng.standard_normal((3, 5, 3)).astype("float32")
+    x[0, 2:] = 0.0  # masked steps: the LSTM skips them only if the mask survived
+    assert_agree(model, folded, x)
+
+
+def test_bn_called_inside_a_wrapper_is_reported_as_kept(rng):
+    inputs = keras.Input((4, 6))
+    x = L.TimeDistributed(L.BatchNormalization(name="inner_bn"), name="td")(inputs)
+    model = keras.Model(inputs, L.BatchNormalization()(L.Dense(3, use_bias=False)(x)))
+    randomize_bn(model, rng)
+    folded, report = fold_batchnorm(model)
+    assert [(r.bn, r.action) for r in report.records] == [
+        ("td/inner_bn", "kept"), ("batch_normalization", "folded")
+    ]
+    assert "called inside 'td' (TimeDistributed)" in report.kept[0].reason
+    assert_agree(model, folded, sample_inputs(model, rng))
+
+
 def test_nested_models_are_folded_inside_and_keep_their_kind(rng):
     model = _nested_model()
 
@@ -661,15 +677,6 @@ def test_original_model_is_never_mutated(rng):
 
 
 # --- bad input and broken invariants -------------------------------------------------------------
-
-
-class Subclassed(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.dense = L.Dense(2)
-
-    def call(self, x):
-        return self.dense(x)
 
 
 def test_refuses_what_is_not_a_keras_model():
