@@ -49,7 +49,7 @@ SMALLEST = {
 # Statistics: set from a population pass over random images, then moved by this relative amount
 # (the mean by this many standard deviations), so no BN is an identity or a pure standardization.
 PERTURBATION = 0.05
-STATISTICS_IMAGES = 16
+STATISTICS_IMAGES = 64
 _LARGEST_SIDE = 600  # no keras.applications model needs more (EfficientNetB7 is made for 600)
 
 
@@ -119,9 +119,22 @@ def preprocess(name: str, images: np.ndarray) -> np.ndarray:
 
 
 def random_images(name: str, size: int, count: int, seed: int = 0) -> np.ndarray:
-    """`count` uniform random pixel images, preprocessed for `name`."""
+    """`count` random pixel images (0–255), preprocessed for `name`.
+
+    Each image is a random colour, plus a random 4×4 pattern scaled up, plus pixel noise.
+    Uniform noise alone would not do: a deep feature averages many pixels, so across images of
+    pure noise it is nearly constant, a BN then divides by √(var + ε) with var ≪ ε, and its
+    output on other images is large (EfficientNetB0's logits reached 1e2). Images that differ
+    as wholes keep deep features varying, as real photographs do.
+    """
     rng = np.random.default_rng(seed)
-    return preprocess(name, rng.uniform(0.0, 255.0, (count, size, size, 3)).astype("float32"))
+    colour = rng.uniform(0.0, 255.0, (count, 1, 1, 3))
+    pattern = rng.uniform(-64.0, 64.0, (count, 4, 4, 3))
+    repeats = -(-size // 4)
+    pattern = np.repeat(np.repeat(pattern, repeats, axis=1), repeats, axis=2)[:, :size, :size]
+    noise = rng.uniform(-32.0, 32.0, (count, size, size, 3))
+    pixels = np.clip(colour + pattern + noise, 0.0, 255.0).astype("float32")
+    return preprocess(name, pixels)
 
 
 def batch_norm_layers(model) -> list:
@@ -133,13 +146,16 @@ def batch_norm_layers(model) -> list:
 def build(name: str, *, at_least: int = 1, seed: int = 0):
     """(model, side): `construct(name, at_least=at_least)` with non-trivial BN parameters.
 
-    Random statistics let activations grow through hundreds of layers (EfficientNetV2L reached
-    1e7), which tests float32 rounding rather than the export. So, per BN layer: γ = ±U(0.8, 1.2)
-    (both signs: a negative scale is a case folding must get right) and β ~ N(0, 0.1); then one
-    `kerasbn.population_statistics` pass over random preprocessed images sets mean and variance
-    to what those images produce; then mean moves by N(0, 1)·PERTURBATION standard deviations
-    and variance by a factor 1 + U(−1, 1)·PERTURBATION. Every BN then stays close to a
-    standardization (activations in range) without being one.
+    Statistics drawn at random let activations grow through hundreds of layers (EfficientNetV2L
+    reached logits of 1e7), which tests float32 rounding rather than the export. So, per BN
+    layer: γ = ±U(0.8, 1.2) (both signs: a negative scale is a case folding must get right) and
+    β ~ N(0, 0.1); then mean and variance from one `kerasbn.population_statistics` pass over
+    random preprocessed images, all in one batch, so that inference reproduces that pass
+    (several batches would not: a deep BN's estimate is then of inputs normalized per batch,
+    and in a random network, whose deep features barely vary across random images, the
+    difference compounds: EfficientNetB0's last BN output reached 1e2); then mean moves by
+    N(0, 1)·PERTURBATION standard deviations and variance by a factor 1 + U(−1, 1)·PERTURBATION.
+    Every BN then stays close to a standardization (activations in range) without being one.
     """
     keras.utils.set_random_seed(seed)
     model, size = construct(name, at_least=at_least)
@@ -154,13 +170,15 @@ def build(name: str, *, at_least: int = 1, seed: int = 0):
             layer.gamma.assign(sign * rng.uniform(0.8, 1.2, shape))
         if layer.center:
             layer.beta.assign(rng.normal(0.0, 0.1, shape))
-    kerasbn.population_statistics(
-        model, random_images(name, size, STATISTICS_IMAGES, seed), batch_size=8, verbose=0
-    )
+    images = random_images(name, size, STATISTICS_IMAGES, seed)
+    # One batch holding every image: the pass normalizes each BN with that batch's moments,
+    # which inference then reproduces exactly once the variance is made biased again (below).
+    kerasbn.population_statistics(model, images, batch_size=len(images), verbose=0)
     for layer in layers:
         shape = tuple(layer.moving_mean.shape)
         mean = np.asarray(layer.moving_mean)
-        variance = np.asarray(layer.moving_variance)
+        count = len(images) * np.prod(layer.input.shape[1:]) / np.prod(shape)
+        variance = np.asarray(layer.moving_variance) * (count - 1) / count
         std = np.sqrt(variance + layer.epsilon)
         layer.moving_mean.assign(mean + PERTURBATION * std * rng.standard_normal(shape))
         layer.moving_variance.assign(

@@ -457,9 +457,12 @@ def main(argv=None):
     else:
         names = list(known)
 
+    # The smallest of each family first: a run cut short still covers every family.
+    first = set(_zoo_models.smallest_per_family().values())
+    names = sorted(names, key=lambda n: (n not in first, n))
     started = datetime.datetime.now(datetime.timezone.utc)
-    header = f"zoo: {len(names)} architectures; {machine()}"
-    print(header, file=sys.stderr, flush=True)
+    command = " ".join(["benchmarks/zoo.py", *(sys.argv[1:] if argv is None else argv)])
+    print(f"zoo: {len(names)} architectures; {machine()}", file=sys.stderr, flush=True)
     results = []
     for name in names:
         result = run_one(name, args)
@@ -470,23 +473,27 @@ def main(argv=None):
         peer_state = "ok" if peer.get("runs") else peer.get("error", "not run")
         print(f"  {name}: ours {state}; peer {peer_state}; {result['seconds']:.0f} s, "
               f"peak {result['peak_gib']:.1f} GiB", file=sys.stderr, flush=True)
+        # Written after every architecture: an interrupted run keeps what it measured.
+        text = report(results, len(names), started, command, args)
+        if args.write:
+            write_section(text + "\n")
+        if args.json:
+            with open(args.json, "w") as file:
+                json.dump(results, file, indent=1)
+    print(text)
+    return 0
 
-    command = " ".join(["benchmarks/zoo.py", *(sys.argv[1:] if argv is None else argv)])
-    text = "\n\n".join([
+
+def report(results, planned, started, command, args):
+    done = "" if len(results) == planned else f" Partial: {len(results)} of {planned} run."
+    return "\n\n".join([
         SECTION,
         f"Run {started:%Y-%m-%d %H:%M} UTC on {machine()}. Command: `{command}`; one process "
-        f"per architecture (memory limit {args.memory_limit:g} GiB).",
+        f"per architecture (memory limit {args.memory_limit:g} GiB).{done}",
         summary(results),
-        table(results),
+        table(sorted(results, key=lambda r: r["name"])),
         LEGEND,
     ])
-    print(text)
-    if args.write:
-        write_section(text + "\n")
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(results, file, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

@@ -41,12 +41,14 @@ def test_exports_and_verifies(exported):
     model, images, report, path = exported
     onnx.checker.check_model(str(path), full_check=True)
     assert report.verified_samples == VERIFY_IMAGES + 8  # the images and 8 random ones
-    # Read back here, against `predict`: finite, and within the tolerance to_onnx reported.
+    # Read back here, against `predict`: finite, and within the tolerance to_onnx reported
+    # (relative to each example's largest |logit|, as `kerasbn.export.verification` defines it).
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: images})
     expected = model.predict(images, verbose=0)
-    assert np.isfinite(expected).all()
-    np.testing.assert_allclose(got, expected, atol=report.atol, rtol=report.rtol)
+    assert np.isfinite(expected).all() and np.isfinite(got).all()
+    scale = np.abs(expected).max(axis=1, keepdims=True)
+    assert (np.abs(got - expected) <= report.atol + report.rtol * scale).all()
 
 
 @pytest.mark.slow
