@@ -26,7 +26,7 @@ import kerasbn  # noqa: F401  (first: TensorFlow loads quietly)
 from kerasbn.export import files
 from kerasbn.export.convert import OPSETS
 from kerasbn.export.errors import VerificationError
-from kerasbn.export.graph import fold_batchnorm
+from kerasbn.export.folding import fold_batchnorm
 
 import argparse
 import contextlib

@@ -20,7 +20,7 @@ from __future__ import annotations
 from kerasbn.export import files, signature
 from kerasbn.export.convert import check_opset, convert
 from kerasbn.export.errors import VerificationError
-from kerasbn.export.graph import fold_batchnorm
+from kerasbn.export.folding import fold_batchnorm
 from kerasbn.export.report import FoldReport
 from kerasbn.export.verification import Verification, compare, resolve_tolerance
 
