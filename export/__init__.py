@@ -12,7 +12,7 @@ Public API:
 """
 
 from kerasbn.export.errors import ExportError, VerificationError
-from kerasbn.export.graph import fold_batchnorm
+from kerasbn.export.folding import fold_batchnorm
 from kerasbn.export.onnx import ExportReport, to_onnx
 from kerasbn.export.report import FoldRecord, FoldReport
 from kerasbn.export.verification import Verification, verify
