@@ -10,6 +10,9 @@ nothing, and never give more nodes than tf2onnx's export of the unfolded model.
 
 from kerasbn.export import to_onnx
 
+import gc
+
+import keras
 import numpy as np
 import onnx
 import onnxruntime
@@ -20,6 +23,21 @@ from benchmarks import _zoo_models
 FAMILIES = _zoo_models.smallest_per_family()
 VERIFY_IMAGES = 4
 
+# TEMPORARY, branch `zoo` only: failures whose cause is in export/ and not fixed on main yet
+# (see /work/briefs/zoo-findings.md). strict=True: the mark fails once the cause is fixed.
+NOT_YET_FIXED = {
+    ("DenseNet121", "test_never_more_nodes_than_the_unfolded_export"):
+        "folding DenseNet121 gives 464 ONNX nodes, the unfolded export 463",
+}
+
+
+@pytest.fixture(autouse=True)
+def _known_failure(request):
+    name = getattr(request.node, "callspec", None) and request.node.callspec.params.get("exported")
+    reason = NOT_YET_FIXED.get((name, request.node.originalname))
+    if reason:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES.values()))
 def exported(request, tmp_path_factory):
@@ -29,7 +47,12 @@ def exported(request, tmp_path_factory):
     images = _zoo_models.random_images(name, size, VERIFY_IMAGES, seed=1)
     path = tmp_path_factory.mktemp(name) / f"{name}.onnx"
     report = to_onnx(model, path, samples=images)
-    return model, images, report, path
+    yield model, images, report, path
+    # One architecture at a time: without this, each one's graphs and traces stay alive and
+    # the file's peak memory is the sum over all of them (14 GiB measured).
+    del model, report
+    keras.backend.clear_session()
+    gc.collect()
 
 
 def bn_names(model):
