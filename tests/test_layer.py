@@ -219,6 +219,12 @@ def test_keras_config_constructs_our_layer():
     config = keras.layers.BatchNormalization(axis=1, momentum=0.9).get_config()
     layer = kerasbn.BatchNormalization.from_config(config)
     assert (layer.axis, layer.momentum) == (1, 0.9)
+    clipping = {"rmax": 3.0, "rmin": 0.3, "dmax": 5.0}
+    config = keras.layers.BatchNormalization(
+        renorm=True, renorm_clipping=clipping, renorm_momentum=0.9
+    ).get_config()
+    layer = kerasbn.BatchNormalization.from_config(config)
+    assert (layer.renorm, layer.renorm_clipping, layer.renorm_momentum) == (True, clipping, 0.9)
 
 
 # --- Keras conventions ---------------------------------------------------------------------
@@ -336,11 +342,43 @@ def test_runtime_single_value_batch_writes_no_nan():
     ({"momentum": 1.5}, r"Received: momentum=1.5"),
     ({"momentum": -0.1}, r"Received: momentum=-0.1"),
     ({"axis": ()}, r"Received: axis=\(\)"),
-    ({"renorm": True}, r"Received: renorm=True"),
+    ({"renorm_momentum": 2}, r"Received: renorm_momentum=2"),
+    ({"virtual_batch_size": 0}, r"Received: virtual_batch_size=0"),
+    ({"virtual_batch_size": 2.5}, r"Received: virtual_batch_size=2.5"),
+    ({"renorm_warmup_steps": -1, "renorm": True}, r"Received: renorm_warmup_steps=-1"),
+    ({"renorm_warmup_steps": 10}, r"needs renorm=True.*Received: renorm_warmup_steps=10"),
+    ({"renorm_warmup_steps": 10, "renorm": True, "renorm_clipping": {"rmax": 3.0}},
+     r"finite 'rmax' and 'dmax'.*Received: renorm_clipping=\{'rmax': 3.0\}"),
+    ({"renorm_warmup_steps": 10, "renorm": True,
+      "renorm_clipping": {"rmax": 0.5, "rmin": 0.1, "dmax": 1.0}},
+     r"rmin <= 1 <= rmax.*'rmax': 0.5"),
+    # Keras's messages, with the values filled in.
+    ({"renorm": True, "renorm_clipping": {"random_key": 1.0}},
+     r"Received invalid keys for `renorm_clipping` argument: \{'random_key': 1.0\}"),
+    ({"renorm": True, "renorm_clipping": {"rmax": 0.0, "rmin": 1.0}},
+     r"rmax should be greater than rmin.*Received: rmax=0.0, rmin=1.0"),
+    ({"renorm": True, "renorm_clipping": {"rmax": 1.0, "dmax": -1.0}},
+     r"dmax should be non-negative.*Received: dmax=-1.0"),
+    ({"renorm": True, "renorm_clipping": {"rmax": "3"}}, r"Received: renorm_clipping="),
 ])
 def test_bad_constructor_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         kerasbn.BatchNormalization(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["center", "scale", "renorm", "synchronized",
+                                  "unbiased_variance"])
+@pytest.mark.parametrize("value", ["no", "false", 1, None])
+def test_bool_arguments_must_be_bools(name, value):
+    with pytest.raises(TypeError, match=rf"`{name}` must be a bool. Received: {name}={value!r}"):
+        kerasbn.BatchNormalization(**{name: value})
+
+
+def test_renorm_clipping_is_checked_only_with_renorm_as_in_keras():
+    """Keras ignores (and keeps) renorm_clipping without renorm; so do we."""
+    layer = kerasbn.BatchNormalization(renorm_clipping={"rmax": 0.0, "rmin": 1.0})
+    assert layer.get_config()["renorm_clipping"] == {"rmax": 0.0, "rmin": 1.0}
+    assert kerasbn.BatchNormalization(renorm=True).get_config()["renorm_clipping"] == {}
 
 
 def test_axis_of_wrong_type():
