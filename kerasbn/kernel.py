@@ -33,6 +33,14 @@ position, and the correction term of ∂ℓ/∂x is multiplied by w (derivation:
 
 The stages (`shifted_sums` → `moments_from_sums`; `gradient_sums` → `input_gradient`) are
 separate functions so that a synchronized layer can all-reduce the sums between them.
+
+Batch Renormalization (Ioffe, 2017; `Renorm`, `renorm_correction`): y = γ·(r·x̂ + d) + β with
+r, d per channel from the batch moments and the renorm statistics, constants of the step. The
+backward is the plain one with γ·r in place of γ, and ∂ℓ/∂γ = r·Σg·x̂ + d·Σg.
+
+Ghost batches (`ghost_batch_norm`): a free reshape (N, ...) → (N/k, k, ...) makes the group a
+leading non-reduced axis, so the same two XLA functions normalize every group with its own
+moments; γ and β are shared, so their gradients are the per-group sums added up (`_sum_to`).
 """
 
 from __future__ import annotations
@@ -347,13 +355,23 @@ def _training_backward(
         dx = input_gradient(
             dy, x, gamma, shifted_mean, inv_std, count, sum_g, sum_g_xhat, weights, shift=shift
         )
-        return dx, sum_g_xhat, sum_g
-    # y = γ·(r·x̂ + d) + β with r, d constants: the plain backward with γ·r for γ, and
-    # ∂ℓ/∂γ = r·Σg·x̂ + d·Σg.
-    dx = input_gradient(
-        dy, x, gamma * r, shifted_mean, inv_std, count, sum_g, sum_g_xhat, weights, shift=shift
-    )
-    return dx, r * sum_g_xhat + d * sum_g, sum_g
+        d_gamma = sum_g_xhat
+    else:
+        # y = γ·(r·x̂ + d) + β with r, d constants: the plain backward with γ·r for γ, and
+        # ∂ℓ/∂γ = r·Σg·x̂ + d·Σg.
+        dx = input_gradient(
+            dy, x, gamma * r, shifted_mean, inv_std, count, sum_g, sum_g_xhat, weights,
+            shift=shift,
+        )
+        d_gamma = r * sum_g_xhat + d * sum_g
+    return dx, _sum_to(d_gamma, gamma.shape), _sum_to(sum_g, gamma.shape)
+
+
+def _sum_to(t, shape):
+    """Σ over the axes where `shape` has size 1 and t not: ghost batches share γ and β across
+    the group axis, whose per-group sums add up."""
+    axes = [a for a, (n, size) in enumerate(zip(t.shape, shape, strict=True)) if size == 1 != n]
+    return tf.reduce_sum(t, axes, keepdims=True) if axes else t
 
 
 # One XLA cluster each for the forward and the backward pass, whether or not the caller's
