@@ -599,6 +599,9 @@ class PopulationStatistics(keras.callbacks.Callback):
     epoch use them too. Keras validates inside the epoch, after the last training step, through
     `on_test_begin`: the pass runs there, or in `on_epoch_end` if the epoch has no validation.
     Put this callback before checkpointing callbacks so that they save the new statistics.
+    With an optimizer using `use_ema=True`, fit ends by swapping the weights' moving averages in
+    (before `on_train_end`): the final pass runs for those weights, even right after an
+    `every_n_epochs` pass.
 
     Args:
         data: as for `population_statistics`; replayable (arrays, a `tf.data.Dataset`, a
@@ -666,6 +669,10 @@ class PopulationStatistics(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._in_fit = False
-        # Skip a pass that would repeat the last one: no training step since.
-        if self._pass_epoch is None or self._pass_epoch != self._epoch:
+        # Skip a pass that would repeat the last one: no training step since, and no weight
+        # swap. An optimizer with `use_ema=True` has just replaced the weights by their moving
+        # averages (Keras's fit calls `finalize_variable_values` before `on_train_end`), so
+        # the statistics must be those of the weights the model ends with.
+        weights_swapped = bool(getattr(getattr(self.model, "optimizer", None), "use_ema", False))
+        if self._pass_epoch is None or self._pass_epoch != self._epoch or weights_swapped:
             self._run_pass()

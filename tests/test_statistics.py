@@ -672,6 +672,38 @@ def test_callback_without_validation_runs_at_epoch_end(rng):
     assert [r.batches_used for r in callback.reports] == [1, 1]
 
 
+class RecordAtEpochEnd(keras.callbacks.Callback):
+    """The statistics after each epoch (placed after PopulationStatistics: after its pass)."""
+
+    def __init__(self):
+        super().__init__()
+        self.means = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.means.append(current_means(self.model))
+
+
+@pytest.mark.parametrize("every_n_epochs", [None, 1])
+def test_callback_with_ema_weights_estimates_for_the_final_weights(rng, every_n_epochs):
+    """use_ema=True: fit swaps the weights' moving averages in after the last epoch, before
+    on_train_end; the statistics left are those a fresh pass gives for the final (EMA)
+    weights, even right after an every-epoch pass on the training weights."""
+    model = make_net(rng)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, use_ema=True, ema_momentum=0.5),
+                  loss="mse")
+    x, y = make_data(rng, 64), rng.normal(size=(64, OUTPUTS)).astype("float32")
+    callback = kerasbn.PopulationStatistics(x, every_n_epochs=every_n_epochs)
+    recorder = RecordAtEpochEnd()
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[callback, recorder])
+    left = current_means(model)
+    for a, b in zip(left, fresh_statistics(model, x), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert len(callback.reports) == (1 if every_n_epochs is None else 3)
+    if every_n_epochs:
+        # The premise: the epoch-2 pass (training weights) differs from the final statistics.
+        assert not np.allclose(recorder.means[-1][0], left[0], rtol=1e-3)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
