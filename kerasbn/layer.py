@@ -373,7 +373,7 @@ class BatchNormalization(keras.layers.Layer):
         """Every stored statistic's update from one batch, all or none (see `updates`)."""
         new_values = []  # (variable, value): Keras variables overload ==, so no dict keys
         accepted = []
-        stddev = updates.batch_stddev(
+        stddev = None if not self.renorm else updates.batch_stddev(
             variance, count, epsilon=self.epsilon, unbiased_variance=self.unbiased_variance,
             dof=dof,
         )
