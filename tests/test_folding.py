@@ -156,6 +156,10 @@ BN_VARIANTS = {
     "kerasbn_population": lambda: kerasbn.BatchNormalization(statistics="population"),
     "kerasbn_synchronized_eps": lambda: kerasbn.BatchNormalization(synchronized=True, epsilon=0.1),
     "kerasbn_axis_tuple_of_one": lambda: kerasbn.BatchNormalization(axis=(-1,)),
+    "kerasbn_renorm": lambda: kerasbn.BatchNormalization(
+        renorm=True, renorm_clipping={"rmax": 3.0, "dmax": 5.0}, renorm_warmup_steps=10
+    ),
+    "kerasbn_ghost_batches": lambda: kerasbn.BatchNormalization(virtual_batch_size=2),
 }
 
 
