@@ -24,7 +24,8 @@ FAMILIES = _zoo_models.smallest_per_family()
 VERIFY_IMAGES = 4
 
 # TEMPORARY, branch `zoo` only: failures whose cause is in export/ and not fixed on main yet
-# (see /work/briefs/zoo-findings.md). strict=True: the mark fails once the cause is fixed.
+# (see /work/briefs/zoo-findings.md). Not strict: the one cause below comes and goes between
+# runs, and a strict mark on it would make CI flaky; remove the entry when the cause is fixed.
 NOT_YET_FIXED = {
     ("DenseNet121", "test_never_more_nodes_than_the_unfolded_export"):
         "one Reshape comes and goes between conversions of the same DenseNet121 (463 or 464 "
@@ -37,7 +38,7 @@ def _known_failure(request):
     name = getattr(request.node, "callspec", None) and request.node.callspec.params.get("exported")
     reason = NOT_YET_FIXED.get((name, request.node.originalname))
     if reason:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+        request.applymarker(pytest.mark.xfail(strict=False, reason=reason))
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES.values()))
