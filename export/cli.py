@@ -2,6 +2,9 @@
 
     kerasbn export MODEL.keras -o OUT.onnx [--opset N] [--no-fold] [--samples N]
                                            [--atol X] [--rtol X] [--unsafe]
+                                           [--int8 --calibration DATA.npy|.npz
+                                            [--calibration-samples N] [--calibration-method M]
+                                            [--min-agreement X]]
     kerasbn fold MODEL.keras -o OUT.keras [--unsafe]
 
 Exit codes: 0 success; 1 the model was read but folding or exporting it failed (ONNX Runtime
@@ -16,6 +19,7 @@ TensorFlow without its start-up noise; the command only quiets what is left (Pyt
 from __future__ import annotations
 
 import kerasbn  # noqa: F401  (first: TensorFlow loads quietly)
+from kerasbn.export import quantize as _int8
 from kerasbn.export.graph import fold_batchnorm
 from kerasbn.export.onnx import OPSETS, VerificationError, atomic_path, human_size, to_onnx
 
@@ -25,6 +29,7 @@ import sys
 import warnings
 
 import keras
+import numpy as np
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -38,6 +43,7 @@ exit status:
 
 example:
   kerasbn export model.keras -o model.onnx
+  kerasbn export model.keras -o model_int8.onnx --int8 --calibration images.npy
   kerasbn fold model.keras -o model_folded.keras
 """
 
@@ -121,6 +127,7 @@ def _parser():
         metavar="X",
         help="relative tolerance of the verification (default: %(default)g)",
     )
+    _add_int8_arguments(export)
     export.set_defaults(run=_run_export)
 
     fold = commands.add_parser(
@@ -149,6 +156,71 @@ def _add_model_arguments(parser, out_metavar, out_help):
     )
 
 
+def _add_int8_arguments(parser):
+    # int8 (kerasbn.export.quantize)
+    group = parser.add_argument_group(
+        "int8",
+        "quantize to int8 (ONNX Runtime static quantization, QDQ, per-channel weights) after\n"
+        "folding; verification then compares the int8 file with the Keras model on the\n"
+        "calibration data (--samples, --atol, --rtol are not used) and requires top-1 agreement",
+    )
+    group.add_argument("--int8", action="store_true", help="write an int8 model")
+    group.add_argument(
+        "--calibration",
+        metavar="DATA",
+        help="example inputs that set the int8 ranges: a .npy array (batch first) or a .npz "
+        "of one array, or of one array per model input named after it",
+    )
+    group.add_argument(
+        "--calibration-samples",
+        type=_positive_int,
+        default=_int8.DEFAULT_CALIBRATION_SAMPLES,
+        metavar="N",
+        help="use at most N calibration examples (default: %(default)s)",
+    )
+    group.add_argument(
+        "--calibration-method",
+        choices=tuple(_int8.CALIBRATION_METHODS),
+        default="minmax",
+        help="how an activation's range is chosen (default: %(default)s)",
+    )
+    group.add_argument(
+        "--min-agreement",
+        type=_fraction,
+        default=_int8.DEFAULT_MIN_AGREEMENT,
+        metavar="X",
+        help="the top-1 agreement with Keras required, 0 to 1 (default: %(default)g)",
+    )
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text}")
+    return value
+
+
+def _load_calibration(arguments):
+    """The --calibration data (None without --int8), after checking the int8 flags."""
+    if arguments.int8 != (arguments.calibration is not None):
+        raise _UsageError("--int8 and --calibration DATA.npy|.npz go together")
+    if not arguments.int8:
+        return None
+    path = arguments.calibration
+    if not os.path.isfile(path):
+        raise _UsageError(f"no such calibration file: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)  # pickles run code: never from a data file
+    except (OSError, ValueError) as error:
+        raise _UsageError(f"cannot read the calibration data {path}: {error}") from error
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            arrays = {name: data[name] for name in data.files}
+        # One array: the model's one input, whatever its name in the file.
+        return next(iter(arrays.values())) if len(arrays) == 1 else arrays
+    return data
+
+
 def _positive_int(text):
     value = int(text)
     if value < 1:
@@ -168,6 +240,7 @@ def _non_negative_float(text):
 
 def _run_export(arguments):
     _check_output(arguments.output)
+    calibration = _load_calibration(arguments)
     model = _load(arguments.model, unsafe=arguments.unsafe)
     try:
         report = to_onnx(
@@ -178,7 +251,14 @@ def _run_export(arguments):
             atol=arguments.atol,
             rtol=arguments.rtol,
             random_samples=arguments.samples,
+            quantize="int8" if arguments.int8 else None,
+            calibration=calibration,
+            calibration_method=arguments.calibration_method,
+            calibration_samples=arguments.calibration_samples,
+            min_agreement=arguments.min_agreement,
         )
+    except _int8.CalibrationError as error:
+        raise _UsageError(f"--calibration {arguments.calibration}: {error}") from error
     except VerificationError as error:
         if error.report.fold is not None:
             print(error.report.fold.summary())

@@ -31,6 +31,7 @@ memory); `baseline=False` skips it.
 
 from __future__ import annotations
 
+from kerasbn.export import quantize as _int8
 from kerasbn.export.graph import fold_batchnorm
 from kerasbn.export.report import FoldReport
 
@@ -82,7 +83,9 @@ class ExportReport:
             (over nonzero Keras outputs) on those examples; None when not verified.
         atol, rtol: the tolerance of the check |onnx − keras| <= atol + rtol·|keras|.
         file_size: bytes of the ONNX file.
-        seconds: wall time of each step ("fold", "convert", "baseline", "verify").
+        quantization: the `kerasbn.export.quantize.QuantizationReport` of an int8 export
+            (structure, sizes, agreement with Keras); None for float32.
+        seconds: wall time of each step ("fold", "convert", "baseline", "quantize", "verify").
     """
 
     path: str
@@ -96,6 +99,7 @@ class ExportReport:
     atol: float
     rtol: float
     file_size: int
+    quantization: _int8.QuantizationReport | None = None
     seconds: Mapping[str, float] = field(default_factory=dict, compare=False)
 
     @property
@@ -126,7 +130,9 @@ class ExportReport:
             lines += [
                 f"  {r.action} {r.bn}: {r.reason}" for r in self.fold.refused + self.fold.kept
             ]
-        if self.verified_samples:
+        if self.quantization is not None:
+            lines += self.quantization.lines(self.file_size)
+        elif self.verified_samples:
             lines.append(
                 f"verified on {self.verified_samples} samples, ONNX Runtime vs the original "
                 f"Keras model: max abs error {self.max_abs_error:.3g}, max rel error "
@@ -149,6 +155,11 @@ def to_onnx(
     rtol=1e-4,
     random_samples=8,
     baseline=True,
+    quantize=None,
+    calibration=None,
+    calibration_method="minmax",
+    calibration_samples=_int8.DEFAULT_CALIBRATION_SAMPLES,
+    min_agreement=_int8.DEFAULT_MIN_AGREEMENT,
 ) -> ExportReport:
     """Fold `model`'s BatchNormalization layers, convert to ONNX, verify, write `path` atomically.
 
@@ -170,12 +181,28 @@ def to_onnx(
             leaves a dimension unknown).
         baseline: also convert the unfolded model (in memory) to report its node count. This
             doubles the conversion time when a BN was folded.
+        quantize: None (float32) or "int8": after folding and conversion, quantize with ONNX
+            Runtime (static, QDQ format, int8 per-channel weights, uint8 activations); see
+            `kerasbn.export.quantize`. Verification then compares the int8 file with the
+            original float model on `samples`, or on `calibration` when `samples` is None
+            (`random_samples`, `atol` and `rtol` are not used), and requires a top-1 agreement
+            of `min_agreement` on classifier-shaped outputs.
+        calibration: with quantize="int8", required: example inputs that set each activation's
+            int8 range: an array, a list or dict of arrays (several inputs), a tf.data.Dataset
+            or an iterable of batches (x or (x, y)); at most `calibration_samples` are read.
+        calibration_method: how a range is chosen from the calibration data: "minmax" (default),
+            "entropy" or "percentile" (see `kerasbn.export.quantize`).
+        calibration_samples: the most calibration examples to use (default 256).
+        min_agreement: with quantize="int8", the share of examples (0 to 1) whose top-1 class
+            must agree with the Keras model's (default 0.99).
 
     Returns:
         An `ExportReport`.
 
     Raises:
-        ValueError: a bad argument, or a model without defined inputs; before anything runs.
+        ValueError: a bad argument, or a model without defined inputs; before anything runs
+            (`kerasbn.export.quantize.CalibrationError`, a ValueError, for calibration data
+            that does not fit the model).
         onnx.checker.ValidationError: tf2onnx produced an invalid model.
         VerificationError: ONNX Runtime disagrees with Keras; no file is written.
     """
@@ -184,8 +211,15 @@ def to_onnx(
     _check_path(path)
     inputs = _model_inputs(model)
     output_names = _output_names(model)
-    batches = _verification_batches(inputs, samples, random_samples) if verify else []
-    if verify and not batches:
+    # int8 (kerasbn.export.quantize): its arguments checked and its data read before converting.
+    int8 = _int8.plan(
+        quantize, calibration=calibration, calibration_method=calibration_method,
+        calibration_samples=calibration_samples, min_agreement=min_agreement, samples=samples,
+        verify=verify, inputs=inputs,
+    )
+    verify_float = verify and int8 is None  # an int8 file is verified by int8.quantize
+    batches = _verification_batches(inputs, samples, random_samples) if verify_float else []
+    if verify_float and not batches:
         raise ValueError(
             "Verification needs examples: pass `samples` or a positive `random_samples`. "
             f"Received: samples=None, random_samples={random_samples!r}"
@@ -204,6 +238,10 @@ def to_onnx(
             with _timed(seconds, "baseline"):
                 unfolded = _convert(model, opset, inputs, output_names)
             unfolded_node_count = len(unfolded.graph.node)
+    quantization = None
+    if int8 is not None:
+        with _timed(seconds, "quantize"):
+            proto, quantization = int8.quantize(proto, _keras_reference(model), output_names)
 
     with atomic_path(path) as temporary:
         _write_bytes(temporary, proto.SerializeToString())
@@ -219,14 +257,20 @@ def to_onnx(
             node_count=len(proto.graph.node),
             unfolded_node_count=unfolded_node_count,
             fold=fold_report,
-            verified_samples=sum(len(batch[0]) for batch in batches),
+            verified_samples=(
+                quantization.check.samples if quantization and quantization.check
+                else sum(len(batch[0]) for batch in batches)
+            ),
             max_abs_error=None if errors is None else errors.max_abs,
             max_rel_error=None if errors is None else errors.max_rel,
             atol=float(atol),
             rtol=float(rtol),
             file_size=os.path.getsize(temporary),
+            quantization=quantization,
             seconds=seconds,
         )
+        if quantization is not None and not quantization.passed:
+            raise VerificationError(quantization.failure(), report)
         if errors is not None and errors.failed:
             # Raised inside the block: the temporary file is deleted, `path` left as it was.
             raise VerificationError(errors.message(atol=atol, rtol=rtol), report)
@@ -494,6 +538,15 @@ def _compare(model, inputs, output_names, onnx_path, batches, *, atol, rtol):
         for name, onnx_out, keras_out in zip(output_names, got, expected, strict=True):
             errors.add(name, onnx_out, keras.ops.convert_to_numpy(keras_out), atol=atol, rtol=rtol)
     return errors
+
+
+def _keras_reference(model):
+    # The original model in inference mode, as a function of input arrays in input order.
+    def outputs(arrays):
+        result = model(_pack(model, arrays), training=False)
+        return [keras.ops.convert_to_numpy(o) for o in keras.tree.flatten(result)]
+
+    return outputs
 
 
 # --- small helpers -------------------------------------------------------------------------------
