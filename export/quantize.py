@@ -10,7 +10,9 @@ the Conv or Gemm before it. A BN left in the graph as a per-channel Mul + Add (w
 makes of a BN after a Dense or a depthwise conv that nothing merged) stays in float between two
 quantized ops: it costs a Dequantize/Quantize pair around it and keeps the float multiply-add.
 `QuantizedStructure.multiply_adds` counts what is left of those; after `fold_batchnorm` it is 0
-for every BN that was folded.
+for every BN that was folded. (ONNX Runtime 1.32's pre-processing itself merges the Mul + Add of
+a BN after a depthwise conv into the Conv; the one after a Dense it leaves, and its CPU provider
+then runs it as QLinearMul + QLinearAdd: two more ops, each rounding to 8 bits once more.)
 
 The quantization (ONNX Runtime's guidance for x86-64 CPUs; ARM runs it too):
     * QDQ format: QuantizeLinear/DequantizeLinear around the float ops; ONNX Runtime's CPU
@@ -53,6 +55,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import keras
 import numpy as np
 import onnx
 import onnxruntime
@@ -271,7 +274,7 @@ def _read_stream(stream, inputs, max_samples, name):
                     f"A batch of `{name}` given as a tuple must be (x,), (x, y) or "
                     f"(x, y, sample_weight). Received: a tuple of {len(element)} items"
                 )
-            x = element[0]
+            x = keras.utils.unpack_x_y_sample_weight(element)[0]
         arrays = _batch_arrays(x, inputs, name, unbatched_ok=True)
         batches.append(arrays)
         total += len(arrays[0])
@@ -402,7 +405,9 @@ class QuantizedStructure:
             DequantizeLinear, so ONNX Runtime runs them as QLinearConv / QGemm / MatMulInteger.
         totals: op type → how many nodes of that type, for the `WEIGHTED_OPS`.
         multiply_adds: Mul and Add nodes with one constant operand (an initializer, directly
-            or through DequantizeLinear): per-channel multiply-adds such as an unfolded BN.
+            or through DequantizeLinear): multiply-adds by a constant such as an unfolded BN,
+            left out of the weighted ops (float, or QLinearMul/QLinearAdd once ONNX Runtime
+            fuses their QDQ).
         node_count: nodes in the graph.
     """
 
@@ -416,8 +421,8 @@ class QuantizedStructure:
             f"{op} {self.quantized.get(op, 0)}/{count}" for op, count in self.totals.items()
         ) or "no Conv/Gemm/MatMul"
         return (
-            f"quantized (int8 weights, QDQ inputs): {ops}; float multiply-adds left "
-            f"(Mul/Add by a constant): {self.multiply_adds}"
+            f"quantized (int8 weights, QDQ inputs): {ops}; multiply-adds left outside them "
+            f"(Mul/Add by a constant, e.g. an unfolded BN): {self.multiply_adds}"
         )
 
 
