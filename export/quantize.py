@@ -370,6 +370,14 @@ def quantize_model(proto, feeds, *, method="minmax"):
     `quant_pre_process` gets a file, not the proto: given a proto (ONNX Runtime 1.32) it saves
     the weights as external data it then fails to find.
     """
+    initializers = {t.name for t in proto.graph.initializer}
+    unfed = [i.name for i in proto.graph.input if i.name not in initializers | set(feeds[0])]
+    if unfed:
+        # ONNX Runtime would fail deep inside calibration with a less helpful message.
+        raise ValueError(
+            "The float32 ONNX model has inputs the calibration data does not feed (constants the "
+            f"converter left as graph inputs?): {unfed}. Received: feeds for {sorted(feeds[0])}"
+        )
     with tempfile.TemporaryDirectory(prefix="kerasbn-int8-") as directory:
         source = os.path.join(directory, "float32.onnx")
         onnx.save(proto, source)
