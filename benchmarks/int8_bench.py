@@ -12,9 +12,10 @@ For each model, three ONNX files run in ONNX Runtime (CPU), side by side:
 Models: the digits convnet of `make demo` (Conv+BN ×3, DepthwiseConv+BN, Dense+BN; trained
 here, with population statistics), MobileNetV2 and EfficientNetB0 (`weights=None`, 224×224,
 logits; their BN statistics set by `kerasbn.population_statistics` on synthetic images, then
-γ, β, mean and variance perturbed, so that no BN is an identity). Calibration and agreement use
-synthetic images (smooth random fields plus noise) for the two applications and the digits
-training / test images for the convnet.
+γ, β, mean and variance perturbed, so that no BN is an identity); and, beyond the issue's list,
+a tabular MLP of three Dense(1024)+BN layers, the Dense+BN case at a size where int8 arithmetic
+matters. Calibration and agreement use synthetic data (for images: smooth random fields plus
+noise) except for the convnet, which uses the digits training / test images.
 
 Reported per variant: latency at batch 1 and 32 (medians of interleaved samples, see
 `_timing.interleaved_times`), file size, ONNX nodes in the file, Conv/Gemm/MatMul quantized,
@@ -56,7 +57,7 @@ import _data  # noqa: E402  (examples/_data.py: the digits split)
 import _timing  # noqa: E402  (a sibling file, not an installed module)
 from convnet_export import build_convnet  # noqa: E402  (the demo's digits convnet)
 
-MODELS = ("digits", "MobileNetV2", "EfficientNetB0")
+MODELS = ("digits", "MobileNetV2", "EfficientNetB0", "mlp")
 VARIANTS = ("a kerasbn int8", "b kerasbn float32", "c keras+ORT int8")
 SPEED_TARGET = 1.5  # (a) vs (b), MobileNetV2, batch 32
 AGREEMENT_TARGET = 0.99  # digits
@@ -106,8 +107,37 @@ def application(name, size, rng):
     )
     # MobileNetV2 expects inputs in [-1, 1]; EfficientNet rescales [0, 255] itself.
     low, high = (0.0, 255.0) if name.startswith("EfficientNet") else (-1.0, 1.0)
-    kerasbn.population_statistics(model, smooth_images(128, size, rng, low=low, high=high),
-                                  verbose=0)
+    set_bn_statistics(model, smooth_images(128, size, rng, low=low, high=high), rng)
+
+    def images(count):
+        return smooth_images(count, size, rng, low=low, high=high)
+
+    return model, images(64), images(64), None
+
+
+def mlp(rng, width=1024, depth=3, features=256):
+    """A tabular MLP: (Dense → BN → ReLU) × depth, then 10 logits; the Dense+BN case at a size
+    where int8 arithmetic matters (tf2onnx and ONNX Runtime leave each BN as a Mul + Add)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((features,), name="features")
+    h = inputs
+    for i in range(depth):
+        h = keras.layers.Dense(width, use_bias=False, name=f"dense{i}")(h)
+        h = kerasbn.BatchNormalization(name=f"bn{i}")(h)
+        h = keras.layers.ReLU()(h)
+    model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(h), name="mlp")
+
+    def rows(count):
+        return rng.standard_normal((count, features)).astype("float32")
+
+    set_bn_statistics(model, rows(512), rng)
+    return model, rows(256), rows(256), None
+
+
+def set_bn_statistics(model, data, rng):
+    """Statistics of `data` (`kerasbn.population_statistics`), then γ, β, mean and variance
+    perturbed a little: no BN is an identity, and activations keep realistic ranges."""
+    kerasbn.population_statistics(model, data, verbose=0)
     for layer in model.layers:
         if isinstance(layer, (keras.layers.BatchNormalization, kerasbn.BatchNormalization)):
             shape = tuple(layer.moving_mean.shape)
@@ -116,11 +146,6 @@ def application(name, size, rng):
             std = np.sqrt(layer.moving_variance.numpy())
             layer.moving_mean.assign(layer.moving_mean + rng.normal(0.0, 0.1, shape) * std)
             layer.moving_variance.assign(layer.moving_variance * rng.uniform(0.8, 1.25, shape))
-
-    def images(count):
-        return smooth_images(count, size, rng, low=low, high=high)
-
-    return model, images(64), images(64), None
 
 
 def digits(epochs):
@@ -335,6 +360,8 @@ def run_model(name, args, directory):
     rng = np.random.default_rng(0)
     if name == "digits":
         model, calibration, x, labels = digits(args.epochs)
+    elif name == "mlp":
+        model, calibration, x, labels = mlp(rng)
     else:
         model, calibration, x, labels = application(name, args.size, rng)
     variants = kerasbn_variants(model, calibration, directory)
