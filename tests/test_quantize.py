@@ -21,6 +21,8 @@ import onnx
 import onnxruntime
 import pytest
 import tensorflow as tf
+from hypothesis import given
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.test_graph import randomize_bn
@@ -113,6 +115,29 @@ def test_an_endless_stream_is_read_only_up_to_max_samples():
 
     repeated = tf.data.Dataset.from_tensor_slices(images(4)).batch(4).repeat()
     assert sum(len(f["image"]) for f in calibration_feeds(repeated, ONE, max_samples=9)) == 9
+
+
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=6), max_samples=st.integers(1, 90))
+def test_a_stream_keeps_its_order_and_stops_at_max_samples(sizes, max_samples):
+    x = np.arange(sum(sizes) * 16, dtype=np.float32).reshape(-1, 4, 4, 1)
+    ends = np.cumsum(sizes)
+    pulled = []
+
+    def stream():
+        for end, size in zip(ends, sizes, strict=True):
+            pulled.append(size)
+            yield x[end - size:end]
+
+    if sum(sizes) == 0:
+        with pytest.raises(CalibrationError, match="holds no examples"):
+            calibration_feeds(stream(), ONE, max_samples=max_samples)
+        return
+    feeds = calibration_feeds(stream(), ONE, max_samples=max_samples)
+    np.testing.assert_array_equal(stacked(feeds, "image"), x[:max_samples])
+    assert all(0 < len(f["image"]) <= int8.BATCH for f in feeds)
+    # Read up to the first batch that reaches max_samples, and not one batch more.
+    enough = np.flatnonzero(ends >= max_samples)
+    assert len(pulled) == (enough[0] + 1 if enough.size else len(sizes))
 
 
 def test_a_generator_of_multi_input_tuples_inside_x_y():
