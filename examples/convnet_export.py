@@ -193,7 +193,7 @@ def main(argv=None) -> dict:
         ("predictions that differ from Keras: float32 / int8",
          f"{disagreements} / {int8_disagreements} of {len(y_test)}"),
         ("max |ONNX − Keras| (probabilities, test set)", f"{max_error:.2e}"),
-        ("BN layers folded", f"{export.folded} of {len(folds.records) if folds else 0}"),
+        ("BN layers folded", f"{len(export.folded)} of {len(folds.records) if folds else 0}"),
         ("ONNX nodes (unfolded export)",
          f"{export.node_count} ({export.unfolded_node_count or '-'})"),
         ("ONNX file size: float32 / int8",

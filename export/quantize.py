@@ -48,6 +48,9 @@ quantized, which needs their input shapes known.
 
 from __future__ import annotations
 
+from kerasbn.export import signature
+from kerasbn.export.errors import ExportError
+
 import numbers
 import os
 import tempfile
@@ -113,9 +116,9 @@ class Int8Plan:
 
         Args:
             proto: the float32 ONNX model (BN folded).
-            reference: the float model as a function from a list of input arrays (in input
-                order) to a list of output arrays (in output order); what int8 is checked
-                against.
+            reference: the float model as a function of input arrays (in input order)
+                returning its outputs (in output order), as `verification.keras_reference`
+                makes it; what int8 is checked against.
             output_names: the ONNX output names, in the order `reference` returns them.
         """
         quantized = quantize_model(proto, self.calibration, method=self.method)
@@ -134,10 +137,10 @@ class Int8Plan:
 
 
 def plan(quantize, *, calibration, calibration_method, calibration_samples, min_agreement,
-         samples, verify, inputs):
+         samples, verify, specs):
     """Check the int8 arguments of `to_onnx` and read the data; None when `quantize` is None.
 
-    `inputs` are the model's inputs (objects with `name`, `shape` batch first, `dtype`).
+    `specs` are the model's `signature.InputSpec`s.
 
     Raises:
         ValueError: a bad argument, `calibration` without `quantize`, or no `calibration`.
@@ -174,11 +177,11 @@ def plan(quantize, *, calibration, calibration_method, calibration_samples, min_
             "the model will see) to choose each activation's int8 range. Received: "
             "calibration=None"
         )
-    feeds = calibration_feeds(calibration, inputs, max_samples=calibration_samples)
+    feeds = calibration_feeds(calibration, specs, max_samples=calibration_samples)
     verification = None
     if verify:
         verification = feeds if samples is None else calibration_feeds(
-            samples, inputs, max_samples=None, name="samples"
+            samples, specs, max_samples=None, name="samples"
         )
     return Int8Plan(tuple(feeds), None if verification is None else tuple(verification),
                     calibration_method, float(min_agreement))
@@ -192,7 +195,7 @@ def _check_count(name, value):
 # --- calibration data ----------------------------------------------------------------------------
 
 
-def calibration_feeds(data, inputs, *, max_samples=DEFAULT_CALIBRATION_SAMPLES,
+def calibration_feeds(data, specs, *, max_samples=DEFAULT_CALIBRATION_SAMPLES,
                       name="calibration"):
     """`data` as a list of ONNX feed dicts of at most `BATCH` examples, `max_samples` in all.
 
@@ -201,13 +204,13 @@ def calibration_feeds(data, inputs, *, max_samples=DEFAULT_CALIBRATION_SAMPLES,
         * a list or tuple of arrays, one per model input in the order of `model.inputs`;
         * a dict from input name to array;
         * a `tf.data.Dataset`, generator, or any other iterable of batches, each one of the
-          forms above or an `(x, y)` / `(x, y, sample_weight)` tuple whose `x` is (the Keras
-          convention: a multi-input model's `x` is then a tuple or dict inside it). An element
-          of an unbatched dataset (one example, without the batch axis) counts as a batch of 1.
+          forms above or an `(x, y)` / `(x, y, sample_weight)` tuple whose `x` is (as Keras
+          unpacks a dataset's elements: a multi-input model's `x` is a tuple or dict inside
+          it). An element without the batch axis (an unbatched dataset) is one example.
     A stream is read only until `max_samples` examples are in (None: all of it), so an endless
     generator or a repeated dataset is fine. Arrays are cast to the input's dtype.
 
-    `inputs` are objects with `name`, `shape` (batch first, None where unknown) and `dtype`.
+    `specs` are the model's `signature.InputSpec`s.
 
     Raises:
         TypeError: `data` is None, a string, a number or another non-data object.
@@ -220,22 +223,21 @@ def calibration_feeds(data, inputs, *, max_samples=DEFAULT_CALIBRATION_SAMPLES,
             f"iterable of batches. Received: {name}={data!r}"
         )
     if _is_batch(data):
-        batches = [_batch_arrays(data, inputs, name)]
+        batches = [_batch_arrays(data, specs, name)]
     elif isinstance(data, Iterable):
-        batches = _read_stream(data, inputs, max_samples, name)
+        batches = _read_stream(data, specs, max_samples, name)
     else:
         raise TypeError(
             f"`{name}` must be an array, a list or dict of arrays, a tf.data.Dataset or an "
             f"iterable of batches. Received: {name} of type {type(data).__name__}"
         )
-    arrays = [np.concatenate(column) for column in zip(*batches, strict=True)] if batches else []
-    total = len(arrays[0]) if arrays else 0
-    if total == 0:
+    batches = [arrays for arrays in batches if arrays is not None]
+    if not batches:
         raise CalibrationError(f"`{name}` holds no examples. Received: {_describe(data)}")
+    arrays = [np.concatenate(column) for column in zip(*batches, strict=True)]
     if max_samples is not None:
         arrays = [a[:max_samples] for a in arrays]
-        total = min(total, max_samples)
-    for spec, array in zip(inputs, arrays, strict=True):
+    for spec, array in zip(specs, arrays, strict=True):
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
             raise CalibrationError(
                 f"`{name}` for input {spec.name!r} holds NaN or infinite values, which would "
@@ -243,8 +245,8 @@ def calibration_feeds(data, inputs, *, max_samples=DEFAULT_CALIBRATION_SAMPLES,
                 f"{int((~np.isfinite(array)).sum())} non-finite of {array.size} values"
             )
     return [
-        {spec.name: array[start:start + BATCH] for spec, array in zip(inputs, arrays, strict=True)}
-        for start in range(0, total, BATCH)
+        {spec.name: array[start:start + BATCH] for spec, array in zip(specs, arrays, strict=True)}
+        for start in range(0, len(arrays[0]), BATCH)
     ]
 
 
@@ -262,11 +264,9 @@ def _is_array(value):
     )
 
 
-def _read_stream(stream, inputs, max_samples, name):
+def _read_stream(stream, specs, max_samples, name):
     batches, total = [], 0
     for element in stream:
-        # (x,), (x, y), (x, y, sample_weight): a tuple or list is unpacked as Keras unpacks a
-        # dataset's elements, so a multi-input model's x is a tuple or dict inside it.
         x = element
         if isinstance(element, (list, tuple)):
             if not 1 <= len(element) <= 3:
@@ -275,58 +275,41 @@ def _read_stream(stream, inputs, max_samples, name):
                     f"(x, y, sample_weight). Received: a tuple of {len(element)} items"
                 )
             x = keras.utils.unpack_x_y_sample_weight(element)[0]
-        arrays = _batch_arrays(x, inputs, name, unbatched_ok=True)
+        arrays = _batch_arrays(x, specs, name, unbatched_ok=True)
         batches.append(arrays)
-        total += len(arrays[0])
+        total += 0 if arrays is None else len(arrays[0])
         if max_samples is not None and total >= max_samples:
             break
     return batches
 
 
-def _batch_arrays(x, inputs, name, *, unbatched_ok=False):
-    """One batch `x` as a list of arrays in the order of `inputs`, checked against them."""
-    names = [spec.name for spec in inputs]
+def _batch_arrays(x, specs, name, *, unbatched_ok=False):
+    """One batch `x` as a list of arrays in the order of `specs`, checked against them by
+    `signature.sample_arrays`; None for a batch of 0 examples."""
+    names = [spec.name for spec in specs]
     if isinstance(x, Mapping):
-        missing = sorted(set(names) - set(x))
-        if missing:
-            raise CalibrationError(
-                f"`{name}` lacks the inputs {missing}. Received: keys={sorted(map(str, x))}"
-            )
-        arrays = [x[n] for n in names]
-    elif isinstance(x, (list, tuple)):
-        arrays = list(x)
+        values = [x.get(n) for n in names] if set(names) <= set(x) else None
     else:
-        arrays = [x]
-    if len(arrays) != len(inputs):
-        raise CalibrationError(
-            f"`{name}` must hold one array per model input ({names}). "
-            f"Received: {len(arrays)} arrays"
-        )
-    result = []
-    for spec, value in zip(inputs, arrays, strict=True):
-        if not _is_array(value):
-            raise TypeError(
-                f"`{name}` for input {spec.name!r} must be an array. "
-                f"Received: {type(value).__name__}"
-            )
-        array = np.asarray(value).astype(spec.dtype, copy=False)
-        if unbatched_ok and array.ndim == len(spec.shape) - 1:
-            array = array[np.newaxis]  # one example of an unbatched dataset
-        fits = array.ndim == len(spec.shape) and all(
-            d is None or d == s for d, s in zip(spec.shape[1:], array.shape[1:], strict=True)
-        )
-        if not fits:
+        # A list or tuple holds one array per input, even for a one-input model.
+        values = list(x) if isinstance(x, (list, tuple)) else [x]
+        if len(values) != len(specs):
             raise CalibrationError(
-                f"`{name}` for input {spec.name!r} must have shape {spec.shape}. "
-                f"Received: shape={array.shape}"
+                f"`{name}` must hold one array per model input ({names}). "
+                f"Received: {len(values)} arrays"
             )
-        result.append(array)
-    if len({len(a) for a in result}) != 1:
-        raise CalibrationError(
-            f"`{name}` must have one batch size for all inputs. "
-            f"Received: batch sizes={[len(a) for a in result]}"
-        )
-    return result
+    if values is not None:
+        if unbatched_ok:
+            values = [
+                np.asarray(v)[np.newaxis] if np.ndim(v) == len(spec.shape) - 1 else v
+                for v, spec in zip(values, specs, strict=True)
+            ]
+        if all(np.ndim(v) > 0 and np.shape(v)[0] == 0 for v in values):
+            return None  # an empty batch in a stream; all of `data` empty is reported once
+        x = dict(zip(names, values, strict=True))
+    try:
+        return signature.sample_arrays(specs, x, argument=name)
+    except ValueError as error:
+        raise CalibrationError(str(error)) from error
 
 
 def _describe(data):
@@ -374,7 +357,7 @@ def quantize_model(proto, feeds, *, method="minmax"):
     unfed = [i.name for i in proto.graph.input if i.name not in initializers | set(feeds[0])]
     if unfed:
         # ONNX Runtime would fail deep inside calibration with a less helpful message.
-        raise ValueError(
+        raise ExportError(
             "The float32 ONNX model has inputs the calibration data does not feed (constants the "
             f"converter left as graph inputs?): {unfed}. Received: feeds for {sorted(feeds[0])}"
         )
@@ -382,19 +365,23 @@ def quantize_model(proto, feeds, *, method="minmax"):
         source = os.path.join(directory, "float32.onnx")
         onnx.save(proto, source)
         prepared = os.path.join(directory, "prepared.onnx")
-        quant_pre_process(source, prepared, skip_symbolic_shape=True)
         quantized = os.path.join(directory, "int8.onnx")
-        quantize_static(
-            prepared,
-            quantized,
-            FeedReader(feeds),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CALIBRATION_METHODS[method],
-            calibration_providers=["CPUExecutionProvider"],
-        )
+        try:
+            quant_pre_process(source, prepared, skip_symbolic_shape=True)
+            quantize_static(
+                prepared,
+                quantized,
+                FeedReader(feeds),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CALIBRATION_METHODS[method],
+                calibration_providers=["CPUExecutionProvider"],
+            )
+        except Exception as error:  # noqa: BLE001  (ONNX Runtime raises many kinds)
+            # A failed export, not a bad argument (those were checked before converting).
+            raise ExportError(f"ONNX Runtime could not quantize the model: {error}") from error
         result = onnx.load(quantized)
     onnx.checker.check_model(result, full_check=True)
     return result
@@ -497,7 +484,7 @@ def compare(model_bytes, reference, output_names, feeds) -> Int8Check:
     finite = True
     for feed in feeds:
         got = session.run(output_names, feed)
-        expected = reference(list(feed.values()))
+        expected = reference(*feed.values())
         samples += len(next(iter(feed.values())))
         for onnx_out, keras_out in zip(got, expected, strict=True):
             onnx_out = np.asarray(onnx_out, dtype=np.float64)
