@@ -304,8 +304,8 @@ def table(name, variants, keras_accuracy, batches):
             row.append(f"{v.accuracy:.4f}")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows if i < len(r) and len(r) > 2) for i in range(len(header))]
-    print(f"\n{name}" + (f" (Keras float32 test accuracy {keras_accuracy:.4f})"
-                         if keras_accuracy is not None else ""))
+    if keras_accuracy is not None:
+        print(f"  Keras float32 test accuracy {keras_accuracy:.4f}")
     for row in rows:
         if len(row) == 2 and row[1].startswith("FAILED"):
             print(f"  {row[0]:<{widths[0]}}  {row[1]}")
@@ -361,6 +361,7 @@ def _short(error):
 
 
 def run_model(name, args, directory):
+    print(f"\n{name}", flush=True)
     start = time.perf_counter()
     rng = np.random.default_rng(0)
     if name == "digits":
