@@ -171,9 +171,9 @@ def _parser():
     export.add_argument(
         "--random-samples",
         type=_non_negative_int,
-        default=8,
         metavar="N",
-        help="random standard-normal inputs to verify on (default: %(default)s)",
+        help="random standard-normal inputs to verify on (default: 8, or 0 with --samples-file; "
+        "with --input-shape, the number of random inputs of that shape)",
     )
     export.add_argument(
         "--samples-file",
@@ -362,7 +362,8 @@ def _verification_inputs(model, arguments):
             f"the model has {len(inputs)} inputs; give --input-shape once for each. Received: "
             f"{len(shapes)} shapes"
         )
-    if arguments.random_samples < 1:
+    count = 8 if arguments.random_samples is None else arguments.random_samples
+    if count < 1:
         raise _UsageError("--input-shape needs --random-samples of 1 or more")
     rng = np.random.default_rng(0)
     arrays = []
@@ -376,7 +377,7 @@ def _verification_inputs(model, arguments):
                 f"--input-shape {','.join(map(str, shape))} does not fit the model input of "
                 f"shape {declared}"
             )
-        array = rng.standard_normal((arguments.random_samples, *shape))
+        array = rng.standard_normal((count, *shape))
         arrays.append(array.astype(keras.backend.standardize_dtype(tensor.dtype)))
     return (arrays[0] if len(arrays) == 1 else arrays), 0
 

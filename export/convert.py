@@ -100,6 +100,7 @@ def frozen_graph(model, specs, output_count):
     )
     graph_def = frozen.graph.as_graph_def(add_shapes=True)
     _allow_inlining(graph_def)
+    _rewrite_unconvertible_ops(graph_def)
     inputs = [t.name for t in frozen.inputs if t.dtype != tf.resource]
     if len(inputs) != len(specs):
         # A capture that freezing could not turn into a constant would become an ONNX input.
@@ -160,6 +161,28 @@ def _static_shapes(proto):
         dims = info.type.tensor_type.shape.dim
         shapes[info.name] = tuple(d.dim_value for d in dims)
     return shapes
+
+
+def _rewrite_unconvertible_ops(graph_def):
+    """Express TensorFlow ops tf2onnx 1.17 cannot convert in ones it can, in place.
+
+    Erfc(x) = 1 − Erf(x): Keras's exact GELU (`approximate=False`, in every ConvNeXt) computes
+    0.5·x·erfc(−x/√2). Where erfc is tiny, 1 − erf loses its relative precision but not its
+    absolute one (about float32's epsilon), which is what GELU's product with x needs.
+    """
+    for node in [n for n in graph_def.node if n.op == "Erfc"]:
+        dtype = node.attr["T"]
+        one = graph_def.node.add(name=f"{node.name}/one", op="Const")
+        one.attr["dtype"].type = dtype.type
+        one.attr["value"].tensor.CopyFrom(
+            tf.make_tensor_proto(1, dtype=tf.dtypes.as_dtype(dtype.type))
+        )
+        erf = graph_def.node.add(name=f"{node.name}/erf", op="Erf", input=list(node.input))
+        erf.attr["T"].CopyFrom(dtype)
+        # The node keeps its name, so whatever read erfc(x) now reads 1 − erf(x).
+        node.op = "Sub"
+        del node.input[:]
+        node.input.extend([one.name, erf.name])
 
 
 def _check_graph(proto, input_names, opset):

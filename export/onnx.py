@@ -129,7 +129,7 @@ def to_onnx(
     samples=None,
     atol=None,
     rtol=None,
-    random_samples=8,
+    random_samples=None,
     baseline=True,
     quantize=None,
     calibration=None,
@@ -156,8 +156,9 @@ def to_onnx(
             compute dtype (`kerasbn.export.verification.DEFAULT_TOLERANCES`: 1e-5 and 1e-4 for
             float32, 1e-3 and 1e-2 under mixed_float16, 1e-2 and 8e-2 under mixed_bfloat16).
         random_samples: how many random standard-normal examples to verify on besides
-            `samples` (their shapes come from the model's inputs, or `samples` where the model
-            leaves a dimension unknown).
+            `samples`; None (the default): 8 without `samples`, none with them. Their shapes
+            come from the model's inputs, or from `samples` where the model leaves a dimension
+            unknown.
         baseline: also convert the unfolded model (in memory) to report its node count. This
             doubles the conversion time when a BN was folded.
         quantize: None (float32) or "int8": after folding and conversion, quantize with ONNX

@@ -74,7 +74,14 @@ class _Rebuilder:
         config = layer.get_config()
         if id(layer) in self.plan.weights:
             config["use_bias"] = True  # a fold always gives the layer a bias
-        new = _keras_compat.layer_from_config(type(layer), config)
+        try:
+            new = _keras_compat.layer_from_config(type(layer), config)
+        except Exception as error:  # noqa: BLE001  (from_config raises whatever a layer raises)
+            raise TypeError(
+                f"Layer '{layer.name}' ({type(layer).__name__}) cannot be rebuilt from its "
+                "config, and folding builds a new model from every layer's config (as "
+                f"keras.models.clone_model does): {error}. Received: layer={layer!r}"
+            ) from error
         self.pairs.append((layer, new))
         return new
 

@@ -71,24 +71,41 @@ def pack(model, tensors):
 _RANDOM_SEED = 0
 
 
-def example_batches(specs, samples, random_samples):
-    """Batches to run, each a list of arrays in input order: `samples`, then random ones."""
+@dataclass(frozen=True)
+class Batch:
+    """Examples to run: `source` is "samples" (the caller's) or "random"; `arrays` one per
+    input, in input order, batch first."""
+
+    source: str
+    arrays: list
+
+    def __len__(self):
+        return len(self.arrays[0])
+
+
+def example_batches(specs, samples, random_samples=None):
+    """The `Batch`es to run: `samples`, then `random_samples` standard-normal examples (by
+    default 8 without `samples`, none with them: real inputs are what the model is for, and a
+    deep model fed far outside its range can be so ill-conditioned that float32 is noise there).
+    A dimension the model leaves open takes its size from `samples`."""
+    if random_samples is None:
+        random_samples = 8 if samples is None else 0
     if isinstance(random_samples, bool) or not isinstance(random_samples, numbers.Integral) or (
         random_samples < 0
     ):
         raise ValueError(
-            f"`random_samples` must be an integer >= 0. Received: random_samples={random_samples!r}"
+            "`random_samples` must be an integer >= 0 or None. "
+            f"Received: random_samples={random_samples!r}"
         )
     given = None if samples is None else sample_arrays(specs, samples)
-    batches = [] if given is None else [given]
+    batches = [] if given is None else [Batch("samples", given)]
     if random_samples:
         rng = np.random.default_rng(_RANDOM_SEED)
-        batches.append(
-            [
-                _random_array(rng, spec, random_samples, None if given is None else given[k])
-                for k, spec in enumerate(specs)
-            ]
-        )
+        arrays = [
+            _random_array(rng, spec, random_samples, None if given is None else given[k])
+            for k, spec in enumerate(specs)
+        ]
+        batches.append(Batch("random", arrays))
     return batches
 
 

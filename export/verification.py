@@ -122,7 +122,7 @@ def resolve_tolerance(model, atol, rtol):
     )
 
 
-def verify(model, onnx_path, samples=None, *, random_samples=8, atol=None, rtol=None):
+def verify(model, onnx_path, samples=None, *, random_samples=None, atol=None, rtol=None):
     """Compare the ONNX file `onnx_path` in ONNX Runtime with `model` in inference mode.
 
     Args:
@@ -131,7 +131,8 @@ def verify(model, onnx_path, samples=None, *, random_samples=8, atol=None, rtol=
             names them (after the model's input and output layers).
         samples: inputs to compare on: an array, a list in the order of `model.inputs`, or a
             dict by input name; batch first.
-        random_samples: standard-normal examples to compare on besides `samples`.
+        random_samples: standard-normal examples to compare on besides `samples`; None: 8
+            without `samples`, none with them.
         atol, rtol: the tolerance; None takes `default_tolerance(model)`.
 
     Returns:
@@ -161,8 +162,8 @@ def compare(model, onnx_path, batches, *, atol, rtol):
     reference = keras_reference(model, specs)
     errors = _Errors()
     for batch in batches:
-        for start in range(0, len(batch[0]), _BATCH_ROWS):
-            rows = [array[start : start + _BATCH_ROWS] for array in batch]
+        for start in range(0, len(batch), _BATCH_ROWS):
+            rows = [array[start : start + _BATCH_ROWS] for array in batch.arrays]
             expected = [np.asarray(t) for t in reference(*rows)]
             feed = {spec.name: array for spec, array in zip(specs, rows, strict=True)}
             try:
@@ -172,9 +173,12 @@ def compare(model, onnx_path, batches, *, atol, rtol):
                     f"ONNX Runtime could not run the exported model: {error}"
                 ) from error
             for name, onnx_out, keras_out in zip(names, got, expected, strict=True):
-                errors.add(name, onnx_out, keras_out, atol=atol, rtol=rtol)
+                errors.add(
+                    name, onnx_out, keras_out, atol=atol, rtol=rtol, source=batch.source,
+                    first_row=start,
+                )
     return Verification(
-        samples=sum(len(batch[0]) for batch in batches),
+        samples=sum(len(batch) for batch in batches),
         atol=atol,
         rtol=rtol,
         max_abs_error=errors.max_abs,
@@ -238,11 +242,12 @@ class _Errors:
     violations: int = 0
     elements: int = 0
     non_finite: int = 0
-    # (excess, output name, index, onnx value, keras value, allowed difference)
+    # (excess, output name, (batch source, row, *index), onnx value, keras value, allowed)
     worst: tuple | None = None
     shape_mismatch: str | None = None
 
-    def add(self, name, got, expected, *, atol, rtol):
+    def add(self, name, got, expected, *, atol, rtol, source="samples", first_row=0):
+        """Compare one output of rows `first_row`, … of the `source` batch."""
         got = np.asarray(got, dtype=np.float64)
         expected = np.asarray(expected, dtype=np.float64)
         if got.shape != expected.shape:
@@ -271,8 +276,9 @@ class _Errors:
             excess[bad & ~both_finite] = np.inf
             index = np.unravel_index(int(np.argmax(excess)), excess.shape)
             if self.worst is None or excess[index] > self.worst[0]:
+                where = (source, first_row + int(index[0]), *map(int, index[1:]))
                 self.worst = (
-                    float(excess[index]), name, index, got[index], expected[index], allowed[index]
+                    float(excess[index]), name, where, got[index], expected[index], allowed[index]
                 )
 
     def message(self, *, atol, rtol):
@@ -280,15 +286,22 @@ class _Errors:
         if self.shape_mismatch:
             return f"ONNX Runtime and Keras disagree on a shape: {self.shape_mismatch}"
         if self.worst is not None:
-            _, name, index, got, expected, allowed = self.worst
-            return (
+            _, name, (source, *index), got, expected, allowed = self.worst
+            message = (
                 f"ONNX Runtime disagrees with the original Keras model on {self.violations} of "
                 f"{self.elements} output values: max abs error {self.max_abs:.3g}, max rel error "
                 f"{self.max_rel:.3g}, tolerance |onnx - keras| <= atol + rtol*max|keras| per "
                 f"example with atol={atol:g}, rtol={rtol:g}. Worst: output {name!r} at "
-                f"{tuple(map(int, index))}: onnx={got:.7g}, keras={expected:.7g}, "
+                f"{tuple(index)} of the {source} inputs: onnx={got:.7g}, keras={expected:.7g}, "
                 f"|diff|={abs(got - expected):.3g} > {allowed:.3g} allowed"
             )
+            if source == "random":
+                message += (
+                    ". The worst is on a random standard-normal input: if the model expects "
+                    "inputs in another range (pixels in 0-255, say), verify on real `samples` "
+                    "instead (`--samples-file`), where float32 is meaningful"
+                )
+            return message
         if self.non_finite == self.elements:
             return (
                 f"every one of the {self.elements} output values is NaN or infinite in Keras "

@@ -634,6 +634,14 @@ def test_masking_model_folds_and_keeps_its_mask(rng):
     assert_agree(model, folded, x)
 
 
+def test_a_layer_whose_config_does_not_round_trip_raises_a_clear_error(rng):
+    inputs = keras.Input((4,))
+    x = L.BatchNormalization()(L.Dense(3, use_bias=False)(inputs))
+    model = keras.Model(inputs, L.Activation(lambda t: t * 2.0, name="doubling")(x))
+    with pytest.raises(TypeError, match="Layer 'doubling' \\(Activation\\) cannot be rebuilt"):
+        fold_batchnorm(model)
+
+
 def test_bn_called_inside_a_wrapper_is_reported_as_kept(rng):
     inputs = keras.Input((4, 6))
     x = L.TimeDistributed(L.BatchNormalization(name="inner_bn"), name="td")(inputs)

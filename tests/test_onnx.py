@@ -140,6 +140,18 @@ def test_captured_constants_become_initializers_not_inputs(rng, tmp_path):
     assert [i.name for i in proto.graph.input] == ["x"]
 
 
+def test_exact_gelu_exports_through_erf(rng, tmp_path):
+    # Keras's default GELU is exact: TensorFlow computes it with Erfc, which tf2onnx cannot
+    # convert (every ConvNeXt has it).
+    inputs = keras.Input((7,))
+    x = L.Activation("gelu")(L.Dense(5)(inputs))
+    model = keras.Model(inputs, L.BatchNormalization()(L.Dense(4, use_bias=False)(x)))
+    randomize_bn(model, rng)
+    report = to_onnx(model, tmp_path / "m.onnx", random_samples=64)
+    assert report.verification.passed
+    assert operators(tmp_path / "m.onnx")["Erf"] == 1
+
+
 def test_raw_operations_and_masks_export(rng, tmp_path):
     inputs = keras.Input((5, 3))
     x = L.Masking()(inputs)  # its mask is a raw NotEqual operation in the graph
@@ -218,7 +230,7 @@ def _two_in_two_out(rng):
 def test_several_inputs_and_outputs_keep_their_names(rng, tmp_path):
     model = _two_in_two_out(rng)
     samples = {"image": rng.standard_normal((3, 6, 6, 2)), "vector": rng.standard_normal((3, 5))}
-    report = to_onnx(model, tmp_path / "m.onnx", samples=samples)
+    report = to_onnx(model, tmp_path / "m.onnx", samples=samples, random_samples=8)
     assert len(report.folded) == 2 and report.verified_samples == 3 + 8
 
     proto = onnx.load(tmp_path / "m.onnx")
@@ -273,7 +285,9 @@ def test_unknown_dimensions_take_their_size_from_samples(rng, tmp_path):
     randomize_bn(model, rng)
     with pytest.raises(ValueError, match="unknown dimension 1.*Received: samples=None"):
         to_onnx(model, tmp_path / "m.onnx")
-    report = to_onnx(model, tmp_path / "m.onnx", samples=rng.standard_normal((2, 9, 7, 3)))
+    report = to_onnx(
+        model, tmp_path / "m.onnx", samples=rng.standard_normal((2, 9, 7, 3)), random_samples=8
+    )
     assert report.verified_samples == 2 + 8
     (got,) = run_onnx(tmp_path / "m.onnx", np.ones((1, 12, 5, 3), "float32"))
     assert got.shape == (1, 4)

@@ -30,12 +30,24 @@ def test_tolerance_is_atol_plus_rtol_times_each_examples_largest_value():
     assert inside.max_rel == pytest.approx(0.0105)  # |diff| / the example's scale
     outside, message = compare([[0.0, 101.002, -2.0], [0.012, 1.0, -0.5]], keras_values)
     assert outside.violations == 2
-    assert "output 'y' at (1, 0): onnx=0.012, keras=0, |diff|=0.012 > 0.011 allowed" in message
+    assert (
+        "output 'y' at (1, 0) of the samples inputs: onnx=0.012, keras=0, |diff|=0.012 > 0.011 "
+        "allowed" in message
+    )
 
 
 def test_one_value_per_example_is_its_own_scale():
     _, message = compare([100.5, 0.0105], [100.0, 0.0], atol=1e-3, rtol=1e-2)
-    assert "on 1 of 2 output values" in message and "at (1,)" in message
+    assert "on 1 of 2 output values" in message and "at (1,) of the samples" in message
+
+
+def test_a_failure_on_random_inputs_says_to_verify_on_real_ones():
+    errors = verify_module._Errors()
+    errors.add("y", np.array([[0.0, 1.0]] * 70), np.array([[0.0, 1.0]] * 69 + [[0.5, 1.0]]),
+               atol=1e-5, rtol=1e-4, source="random", first_row=64)
+    message = errors.message(atol=1e-5, rtol=1e-4)
+    assert "at (133, 0) of the random inputs" in message
+    assert "verify on real `samples` instead" in message
 
 
 @pytest.mark.parametrize(
@@ -85,9 +97,10 @@ def test_verify_any_onnx_file_against_a_keras_model(tmp_path, rng):
     model = keras.Model(inputs, L.BatchNormalization(name="out")(L.Dense(4)(inputs)))
     randomize_bn(model, rng)
     onnx.save(convert(model), tmp_path / "m.onnx")
-    result = verify(model, tmp_path / "m.onnx", rng.standard_normal((3, 5)))
-    assert result.passed and result.samples == 3 + 8
-    assert str(result).startswith("verified on 11 samples")
+    result = verify(model, tmp_path / "m.onnx", rng.standard_normal((3, 5)), random_samples=4)
+    assert result.passed and result.samples == 3 + 4
+    assert str(result).startswith("verified on 7 samples")
+    assert verify(model, tmp_path / "m.onnx", rng.standard_normal((3, 5))).samples == 3
 
     other = keras.Model(inputs, L.Dense(4, name="out")(inputs))  # another model: disagrees
     result = verify(other, tmp_path / "m.onnx")
@@ -151,3 +164,4 @@ def test_bad_arguments_raise_before_running(arguments, error, message, tmp_path)
     inputs = keras.Input((5,))
     with pytest.raises(error, match=message):
         verify(keras.Model(inputs, L.Dense(2)(inputs)), tmp_path / "missing.onnx", **arguments)
+
