@@ -32,6 +32,7 @@ from kerasbn.export.folding import fold_batchnorm
 
 import argparse
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -319,21 +320,23 @@ def _run_export(arguments):
     samples, random_samples = _verification_inputs(model, arguments)
     calibration = _calibration(arguments)
     try:
-        report = to_onnx(
-            model,
-            output,
-            opset=arguments.opset,
-            fold=arguments.fold,
-            samples=samples,
-            random_samples=random_samples,
-            atol=arguments.atol,
-            rtol=arguments.rtol,
-            quantize="int8" if arguments.int8 else None,
-            calibration=calibration,
-            calibration_method=arguments.calibration_method,
-            calibration_samples=arguments.calibration_samples,
-            min_agreement=arguments.min_agreement,
-        )
+        # ONNX Runtime's entropy and percentile calibrators print their progress with print().
+        with contextlib.redirect_stdout(io.StringIO()):
+            report = to_onnx(
+                model,
+                output,
+                opset=arguments.opset,
+                fold=arguments.fold,
+                samples=samples,
+                random_samples=random_samples,
+                atol=arguments.atol,
+                rtol=arguments.rtol,
+                quantize="int8" if arguments.int8 else None,
+                calibration=calibration,
+                calibration_method=arguments.calibration_method,
+                calibration_samples=arguments.calibration_samples,
+                min_agreement=arguments.min_agreement,
+            )
     except (TypeError, ValueError) as error:
         raise _UsageError(str(error)) from error
     except VerificationError as error:

@@ -24,6 +24,7 @@ import tensorflow as tf
 from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import quantize_static
 
 from tests.helpers import randomize_bn
 
@@ -391,6 +392,22 @@ def test_each_calibration_method_gives_an_agreeing_model(method, trained, rng, t
     assert report.quantization.check.agreement >= 0.99
 
 
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_the_calibration_method_reaches_onnx_runtime(method, trained, rng, tmp_path,
+                                                     monkeypatch):
+    used = []
+
+    def recording(*args, calibrate_method, **kwargs):
+        used.append(calibrate_method)
+        return quantize_static(*args, calibrate_method=calibrate_method, **kwargs)
+
+    monkeypatch.setattr(int8, "quantize_static", recording)
+    calibration, _ = patterns(32, rng)
+    to_onnx(trained, tmp_path / "m.onnx", quantize="int8", calibration=calibration, verify=False,
+            calibration_method=method)
+    assert used == [int8.CALIBRATION_METHODS[method]]
+
+
 def test_verified_on_calibration_data_when_no_samples(trained, rng, tmp_path):
     model = trained
     calibration = tf.data.Dataset.from_tensor_slices(patterns(80, rng)).batch(20)  # (x, y)
@@ -472,6 +489,15 @@ def test_cli_int8_export(data, int8_files, tmp_path, capsys):
     ops = Counter(n.op_type for n in onnx.load(out_path).graph.node)
     assert ops["DequantizeLinear"] > 0
     assert out.rstrip().endswith(f"wrote {out_path}")
+
+
+def test_cli_keeps_onnx_runtime_calibrator_prints_out(int8_files, tmp_path, capsys):
+    code, out, err = run(capsys, "export", int8_files / "model.keras", "-o", tmp_path / "m.onnx",
+                         "--int8", "--calibration", int8_files / "calibration.npy",
+                         "--calibration-method", "entropy")
+    assert code == cli.EXIT_OK, err
+    assert "histogram" not in out and "histogram" not in err
+    assert out.startswith(str(tmp_path / "m.onnx")) and "with 'entropy'" in out
 
 
 def test_cli_int8_low_agreement_exits_1(int8_files, tmp_path, capsys, monkeypatch):
