@@ -3,7 +3,8 @@
 Shapes. `x` has any rank. `reduction_axes` are the axes statistics are taken over (every axis
 but the normalized ones). Per-channel tensors (gamma, beta, mean, variance, count) have x's rank
 with size 1 on each reduction axis ("keepdims" shape), so they broadcast against x as they are.
-Statistics are float32 whatever x's dtype (float16/bfloat16 inputs would overflow Σx²).
+Statistics are float32 for float16/bfloat16/float32 inputs (float16 would overflow Σx²) and
+float64 for float64 inputs, so a float64 model keeps float64 precision (`statistics_dtype`).
 
 Forward, the paper's Algorithm 1, with m values per channel (m = N·H·W for conv outputs):
 
@@ -32,9 +33,19 @@ position, and the correction term of ∂ℓ/∂x is multiplied by w (derivation:
 
 The stages (`shifted_sums` → `moments_from_sums`; `gradient_sums` → `input_gradient`) are
 separate functions so that a synchronized layer can all-reduce the sums between them.
+
+Batch Renormalization (Ioffe, 2017; `Renorm`, `renorm_correction`): y = γ·(r·x̂ + d) + β with
+r, d per channel from the batch moments and the renorm statistics, constants of the step. The
+backward is the plain one with γ·r in place of γ, and ∂ℓ/∂γ = r·Σg·x̂ + d·Σg.
+
+Ghost batches (`ghost_batch_norm`): a free reshape (N, ...) → (N/k, k, ...) makes the group a
+leading non-reduced axis, so the same two XLA functions normalize every group with its own
+moments; γ and β are shared, so their gradients are the per-group sums added up (`_sum_to`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -49,8 +60,14 @@ _BLOCK_BYTES = 1 << 16
 _BLOCKWISE_MIN_BYTES = 1 << 19
 
 
+def statistics_dtype(dtype):
+    """The dtype statistics are taken in for inputs of `dtype`: float64 stays float64, every
+    other float dtype (float16, bfloat16, float32) gets float32."""
+    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else STATISTICS_DTYPE
+
+
 def _as_statistics_dtype(x):
-    return tf.cast(x, STATISTICS_DTYPE)
+    return tf.cast(x, statistics_dtype(x.dtype))
 
 
 def _leading_run(reduction_axes):
@@ -122,12 +139,12 @@ def _per_channel_sums(terms, full, per_channel, reduction_axes):
     return [tf.reshape(total + t, keepdims) for total, t in zip(totals, tail, strict=True)]
 
 
-def per_channel(weight, default, keepdims_shape):
-    """A (channel-shaped) parameter in keepdims shape and float32; `default` where it is None
+def per_channel(weight, default, keepdims_shape, dtype=STATISTICS_DTYPE):
+    """A (channel-shaped) parameter in keepdims shape and `dtype`; `default` where it is None
     (a BN without gamma or beta)."""
     if weight is None:
-        return tf.fill(keepdims_shape, tf.constant(default, STATISTICS_DTYPE))
-    return tf.reshape(tf.cast(weight, STATISTICS_DTYPE), keepdims_shape)
+        return tf.fill(keepdims_shape, tf.constant(default, dtype))
+    return tf.reshape(tf.cast(weight, dtype), keepdims_shape)
 
 
 def mask_weights(inputs, mask):
@@ -146,7 +163,7 @@ def mask_weights(inputs, mask):
             "The mask must have the inputs' rank or one less. Received: "
             f"mask.shape={tuple(mask.shape)}, inputs.shape={tuple(inputs.shape)}"
         )
-    return tf.cast(mask, STATISTICS_DTYPE)
+    return tf.cast(mask, statistics_dtype(inputs.dtype))
 
 
 def reference_value(x, reduction_axes, weights=None):
@@ -172,7 +189,7 @@ def value_count(x, reduction_axes, weights=None):
         shape = tf.shape(x)
         m = tf.reduce_prod(tf.gather(shape, list(reduction_axes)))
         keepdims_shape = [1 if a in reduction_axes else shape[a] for a in range(x.shape.rank)]
-        return tf.fill(keepdims_shape, tf.cast(m, STATISTICS_DTYPE))
+        return tf.fill(keepdims_shape, tf.cast(m, x.dtype))
     weights = tf.broadcast_to(weights, tf.shape(x))
     return tf.reduce_sum(weights, reduction_axes, keepdims=True)
 
@@ -197,16 +214,20 @@ def shifted_sums(x, shift, reduction_axes, weights=None):
 def centered_moments(count, sum_shifted, sum_sq_shifted):
     """(δ, σ²): the mean relative to the shift, δ = μ − k, and the biased variance.
 
-    A channel with count 0 gets NaN moments.
+    A channel with count 0 (every position masked) gets δ = 0 and σ² = 0, as Keras's layer
+    does: the batch is then normalized as (x − k)/√ε with finite outputs and gradients, and
+    its statistics are rejected by the update rules (m < 1).
     """
-    shifted_mean = sum_shifted / count
+    shifted_mean = tf.math.divide_no_nan(sum_shifted, count)
     # Rounding can leave a tiny negative difference for a constant channel; a variance is >= 0.
-    variance = tf.maximum(sum_sq_shifted / count - tf.square(shifted_mean), 0.0)
+    variance = tf.maximum(
+        tf.math.divide_no_nan(sum_sq_shifted, count) - tf.square(shifted_mean), 0.0
+    )
     return shifted_mean, variance
 
 
 def moments_from_sums(shift, count, sum_shifted, sum_sq_shifted):
-    """Mean and biased variance from shifted sums. A channel with count 0 gets NaN moments."""
+    """Mean and biased variance from shifted sums (0 and 0 for a channel with count 0)."""
     shifted_mean, variance = centered_moments(count, sum_shifted, sum_sq_shifted)
     return shift + shifted_mean, variance
 
@@ -263,13 +284,45 @@ def input_gradient(
     """
     g = _as_statistics_dtype(dy)
     x_hat = normalized(x, mean, inv_std, shift)
-    correction = (sum_g + x_hat * sum_g_xhat) / count
+    # divide_no_nan: a fully masked channel (m = 0) has no correction term (its weights are 0).
+    correction = tf.math.divide_no_nan(sum_g + x_hat * sum_g_xhat, count)
     if weights is not None:
         correction = _as_statistics_dtype(weights) * correction
     return tf.cast(gamma * inv_std * (g - correction), x.dtype)
 
 
-def _training_forward(x, gamma, beta, weights, *, reduction_axes, epsilon):
+class Renorm(NamedTuple):
+    """Batch Renormalization's inputs to the training kernel (Ioffe, 2017).
+
+    `mean` and `stddev`: the renorm moving statistics μ and σ, keepdims shape, in the
+    statistics dtype. `rmin`, `rmax`, `dmax`: scalar clipping bounds (0, inf, inf when the user
+    gave none), tensors or numbers, so that a warm-up schedule can change them every step.
+    """
+
+    mean: tf.Tensor
+    stddev: tf.Tensor
+    rmin: tf.Tensor | float
+    rmax: tf.Tensor | float
+    dmax: tf.Tensor | float
+
+
+def renorm_correction(mean, variance, epsilon, renorm):
+    """(r, d) of Batch Renormalization, with Keras 3.14+'s formulas:
+
+        σ_B = √(σ²_B + ε),   σ = max(renorm_stddev, √ε)
+        r = clip(σ_B/σ, rmin, rmax),   d = clip((μ_B − μ)/σ, −dmax, dmax)
+
+    Constants of the step: no gradient flows through them (the paper's stop_gradient).
+    """
+    stddev = tf.sqrt(variance + epsilon)
+    moving_stddev = tf.maximum(renorm.stddev, tf.sqrt(tf.cast(epsilon, variance.dtype)))
+    rmin, rmax, dmax = (tf.cast(b, variance.dtype) for b in (renorm.rmin, renorm.rmax, renorm.dmax))
+    r = tf.minimum(tf.maximum(stddev / moving_stddev, rmin), rmax)
+    d = tf.clip_by_value((mean - renorm.mean) / moving_stddev, -dmax, dmax)
+    return tf.stop_gradient(r), tf.stop_gradient(d)
+
+
+def _training_forward(x, gamma, beta, weights, renorm, *, reduction_axes, epsilon):
     x32 = _as_statistics_dtype(x)
     if weights is not None:
         weights = _as_statistics_dtype(weights)
@@ -279,22 +332,46 @@ def _training_forward(x, gamma, beta, weights, *, reduction_axes, epsilon):
         count, *shifted_sums(x32, shift, reduction_axes, weights)
     )
     inv_std = inverse_std(variance, epsilon)
-    # x̂·γ + β rather than x·s + t: when |μ| ≫ σ, x·s and t are huge and cancel.
-    y = normalized(x32, shifted_mean, inv_std, shift) * gamma + beta
-    return tf.cast(y, x.dtype), shift, shifted_mean, variance, count
+    x_hat = normalized(x32, shifted_mean, inv_std, shift)
+    if renorm is None:
+        r = d = None
+        # x̂·γ + β rather than x·s + t: when |μ| ≫ σ, x·s and t are huge and cancel.
+        y = x_hat * gamma + beta
+    else:
+        r, d = renorm_correction(shift + shifted_mean, variance, epsilon, renorm)
+        y = x_hat * (gamma * r) + (gamma * d + beta)
+    return tf.cast(y, x.dtype), shift, shifted_mean, variance, count, r, d
 
 
 def _training_backward(
-    dy, x, gamma, shift, shifted_mean, variance, count, weights, *, reduction_axes, epsilon
+    dy, x, gamma, shift, shifted_mean, variance, count, weights, r, d, *, reduction_axes,
+    epsilon,
 ):
     inv_std = inverse_std(variance, epsilon)
     sum_g, sum_g_xhat = gradient_sums(
         dy, x, shifted_mean, inv_std, reduction_axes, shift=shift
     )
-    dx = input_gradient(
-        dy, x, gamma, shifted_mean, inv_std, count, sum_g, sum_g_xhat, weights, shift=shift
-    )
-    return dx, sum_g_xhat, sum_g
+    if r is None:
+        dx = input_gradient(
+            dy, x, gamma, shifted_mean, inv_std, count, sum_g, sum_g_xhat, weights, shift=shift
+        )
+        d_gamma = sum_g_xhat
+    else:
+        # y = γ·(r·x̂ + d) + β with r, d constants: the plain backward with γ·r for γ, and
+        # ∂ℓ/∂γ = r·Σg·x̂ + d·Σg.
+        dx = input_gradient(
+            dy, x, gamma * r, shifted_mean, inv_std, count, sum_g, sum_g_xhat, weights,
+            shift=shift,
+        )
+        d_gamma = r * sum_g_xhat + d * sum_g
+    return dx, _sum_to(d_gamma, gamma.shape), _sum_to(sum_g, gamma.shape)
+
+
+def _sum_to(t, shape):
+    """Σ over the axes where `shape` has size 1 and t not: ghost batches share γ and β across
+    the group axis, whose per-group sums add up."""
+    axes = [a for a, (n, size) in enumerate(zip(t.shape, shape, strict=True)) if size == 1 != n]
+    return tf.reduce_sum(t, axes, keepdims=True) if axes else t
 
 
 # One XLA cluster each for the forward and the backward pass, whether or not the caller's
@@ -305,33 +382,39 @@ _compiled_forward = tf.function(_training_forward, jit_compile=True)
 _compiled_backward = tf.function(_training_backward, jit_compile=True)
 
 
-def fused_batch_norm(x, gamma, beta, *, reduction_axes, epsilon, weights=None):
+def fused_batch_norm(x, gamma, beta, *, reduction_axes, epsilon, weights=None, renorm=None):
     """Training-mode batch normalization with the closed-form backward pass.
 
     Args:
         x: input of any float dtype and rank.
-        gamma, beta: float32, keepdims shape (size 1 on every reduction axis).
+        gamma, beta: keepdims shape (size 1 on every reduction axis), in the statistics dtype
+            of x (`statistics_dtype`).
         reduction_axes: tuple of the axes statistics are taken over.
         epsilon: float added to the variance.
         weights: optional mask weights broadcastable to x (1 = counted).
+        renorm: optional `Renorm`: y = γ·(r·x̂ + d) + β (`renorm_correction`), r and d
+            constants in the backward pass.
 
     Returns:
         (y, mean, variance, count): y in x's dtype; the batch moments (biased variance) and the
-        per-channel count m, float32 in keepdims shape. Gradients flow to x, gamma and beta
-        through y only; the moments are statistics, not part of the differentiable output.
+        per-channel count m, in the statistics dtype and keepdims shape. Gradients flow to x,
+        gamma and beta through y only; the moments are statistics, not part of the
+        differentiable output.
     """
     reduction_axes = tuple(reduction_axes)
     epsilon = float(epsilon)
+    if renorm is not None:
+        renorm = Renorm(*(tf.stop_gradient(t) if tf.is_tensor(t) else t for t in renorm))
 
     @tf.custom_gradient
     def _batch_norm(x, gamma, beta):
-        y, shift, shifted_mean, variance, count = _compiled_forward(
-            x, gamma, beta, weights, reduction_axes=reduction_axes, epsilon=epsilon
+        y, shift, shifted_mean, variance, count, r, d = _compiled_forward(
+            x, gamma, beta, weights, renorm, reduction_axes=reduction_axes, epsilon=epsilon
         )
 
         def grad(dy, *_unused_statistics_grads):
             return _compiled_backward(
-                dy, x, gamma, shift, shifted_mean, variance, count, weights,
+                dy, x, gamma, shift, shifted_mean, variance, count, weights, r, d,
                 reduction_axes=reduction_axes, epsilon=epsilon,
             )
 
@@ -339,3 +422,58 @@ def fused_batch_norm(x, gamma, beta, *, reduction_axes, epsilon, weights=None):
 
     y, mean, variance, count = _batch_norm(x, gamma, beta)
     return y, tf.stop_gradient(mean), tf.stop_gradient(variance), tf.stop_gradient(count)
+
+
+# --- ghost (virtual) batches -----------------------------------------------------------------
+
+
+def _grouped(t, virtual_batch_size):
+    """(N, ...) → (N/k, k, ...); a keepdims-shaped tensor (1, ...) → (1, 1, ...)."""
+    if t.shape[0] == 1:
+        return tf.expand_dims(t, 0)
+    return tf.reshape(t, tf.concat([[-1, virtual_batch_size], tf.shape(t)[1:]], 0))
+
+
+def pooled_moments(mean, variance, count):
+    """Per-group moments (axis 0 is the group) → the batch's (mean, variance, count, dof).
+
+        mean     = Σ_g m_g·μ_g / Σ_g m_g          (the batch mean)
+        variance = Σ_g m_g·σ²_g / Σ_g m_g        (biased: the mean within-group variance)
+        count    = Σ_g m_g,   dof = Σ_g max(m_g − 1, 0)
+
+    so that the unbiased update variance·count/dof is the pooled within-group estimate
+    Σ_g m_g·σ²_g / Σ_g (m_g − 1): the population variance, unbiased for i.i.d. samples.
+    """
+    total = tf.reduce_sum(count, 0)
+    pooled_mean = tf.math.divide_no_nan(tf.reduce_sum(count * mean, 0), total)
+    pooled_variance = tf.math.divide_no_nan(tf.reduce_sum(count * variance, 0), total)
+    dof = tf.reduce_sum(tf.maximum(count - 1.0, 0.0), 0)
+    return pooled_mean, pooled_variance, total, dof
+
+
+def ghost_batch_norm(
+    x, gamma, beta, *, virtual_batch_size, reduction_axes, epsilon, weights=None, renorm=None
+):
+    """`fused_batch_norm` with each group of `virtual_batch_size` consecutive examples (axis 0)
+    normalized with its own moments (ghost batch normalization, Hoffer et al., 2017).
+
+    The groups become a leading non-reduced axis of a free reshape, so the same fused kernel
+    and closed-form backward run once for all groups. Axis 0 must be a reduction axis and the
+    batch size a multiple of `virtual_batch_size` (the caller checks).
+
+    Returns:
+        (y, mean, variance, count, dof): y in x's shape and dtype; the statistics of the whole
+        batch pooled from the groups' (`pooled_moments`), in x's keepdims shape.
+    """
+    k = int(virtual_batch_size)
+    grouped_axes = (1, *(a + 1 for a in reduction_axes if a != 0))
+    y, mean, variance, count = fused_batch_norm(
+        _grouped(x, k), _grouped(gamma, k), _grouped(beta, k),
+        reduction_axes=grouped_axes, epsilon=epsilon,
+        weights=None if weights is None else _grouped(tf.broadcast_to(weights, tf.shape(x)), k),
+        renorm=None if renorm is None else renorm._replace(
+            mean=_grouped(renorm.mean, k), stddev=_grouped(renorm.stddev, k)
+        ),
+    )
+    # The groups' moments have shape (G, 1, ...): pool over G to x's keepdims shape (1, ...).
+    return (tf.reshape(y, tf.shape(x)), *pooled_moments(mean, variance, count))

@@ -13,6 +13,7 @@ from kerasbn._axes import canonical_axis, normalize_axes, reduction_axes
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import constraints, initializers, ops, regularizers
 
@@ -37,28 +38,56 @@ class BatchNormalization(keras.layers.Layer):
         momentum: in [0, 1], for `statistics="moving_average"`:
             `new = momentum · old + (1 − momentum) · batch`.
         epsilon: >= 0, added to the variance.
-        center, scale: whether to use `beta` and `gamma`.
+        center, scale: bools, whether to use `beta` and `gamma`.
         beta_initializer, gamma_initializer, moving_mean_initializer,
         moving_variance_initializer, beta_regularizer, gamma_regularizer, beta_constraint,
         gamma_constraint: as in `keras.layers.BatchNormalization`.
-        synchronized: under a `tf.distribute` strategy with several replicas, take batch
-            statistics over the global batch. Without a strategy it has no effect.
+        renorm: bool, Batch Renormalization (Ioffe, 2017) with Keras 3.14+'s semantics: in
+            training y = gamma·(r·x̂ + d) + beta, r = σ_B/σ and d = (μ_B − μ)/σ against the
+            renorm statistics μ = `renorm_mean`, σ = max(`renorm_stddev`, √epsilon), clipped,
+            and constants in the backward pass. Inference is plain BN.
+        renorm_clipping: with `renorm`, a dict of optional "rmax", "rmin", "dmax": r is clipped
+            to [rmin, rmax] and d to [−dmax, dmax]; missing ones are inf, 0, inf (no clip).
+        renorm_momentum: in [0, 1], the momentum of the renorm statistics (which affect
+            training); `momentum` still gives the inference statistics.
+        synchronized: bool; under a `tf.distribute` strategy with several replicas, take batch
+            statistics over the global batch. Without a strategy it has no effect. Not with
+            `renorm` or `virtual_batch_size` across several replicas (a clear error at the
+            first training call).
         statistics: how the inference statistics are kept.
             `"moving_average"` (default): exponential moving averages of the batch statistics.
             `"population"`: the paper's Algorithm 2 over every training-mode batch since the
             last `reset_statistics()`: mean = Σ m_B·μ_B / Σ m_B and
             variance = Σ m_B·σ²_B / Σ (m_B − 1), which is E_B[μ_B] and m/(m−1)·E_B[σ²_B] when
             all batches have m values (see `kerasbn.updates`).
-        unbiased_variance: in the moving-average mode, store m/(m−1)·σ²_B (as the paper and
+        unbiased_variance: bool; store m/(m−1)·σ²_B in the moving averages (as the paper and
             PyTorch do). `False` stores the biased σ²_B, matching Keras exactly.
+        renorm_warmup_steps: None, or with `renorm` a positive n (not in Keras): over the first
+            n training steps the clipping bounds are relaxed linearly from plain BN, as in the
+            renorm paper: with t = min(step/n, 1), rmax_t = 1 + t·(rmax − 1),
+            rmin_t = 1 − t·(1 − rmin), dmax_t = t·dmax (so r = 1, d = 0 at step 0). Needs
+            "rmax" and "dmax" in `renorm_clipping`. The step counter is the `renorm_step` weight.
+        virtual_batch_size: None, or k > 0 for ghost batches (not in Keras 3; tf.keras 2 had
+            it): in training each group of k consecutive examples is normalized with its own
+            moments. The batch size must be a multiple of k. The stored statistics get one
+            update per batch from all groups pooled: mean = the batch mean, variance = the mean
+            within-group variance Σ m_g·σ²_g / Σ m_g, or with `unbiased_variance` the pooled
+            Σ m_g·σ²_g / Σ (m_g − 1) (an unbiased estimate of the population variance; tf.keras
+            2 stored the biased one). Inference is unchanged. Axis 0 must not be normalized.
 
     A training batch whose statistics are not finite, or (unbiased) with m = 1 known only at
-    run time, leaves the statistics unchanged and adds one to `skipped_updates`.
+    run time, leaves the statistics unchanged and adds one to `skipped_updates`. So does a
+    batch whose mask is all zeros, whose outputs are (x − k)/√epsilon·gamma + beta as in Keras.
 
-    Weights, in this order: `gamma`, `beta` (when enabled), `moving_mean`, `moving_variance`
-    (Keras's names and order, so Keras BN weights load into this layer), then
-    `skipped_updates`, and in the population mode `population_count` (Σ m_B) and
-    `population_dof` (Σ (m_B − 1)).
+    Inputs are computed as Keras computes them: integer inputs are cast to float32 first,
+    float64 stays float64 (statistics too), float16/bfloat16 are computed in float32; the
+    output has the layer's compute dtype.
+
+    Weights, in this order: `gamma`, `beta` (when enabled), `moving_mean`, `moving_variance`,
+    with `renorm` `moving_stddev`, `renorm_mean`, `renorm_stddev` (Keras's names and order, so
+    Keras BN weights load into this layer), then `skipped_updates`, in the population mode
+    `population_count` (Σ m_B) and `population_dof` (Σ (m_B − 1)), and with
+    `renorm_warmup_steps` `renorm_step`.
     """
 
     def __init__(
@@ -76,28 +105,25 @@ class BatchNormalization(keras.layers.Layer):
         gamma_regularizer=None,
         beta_constraint=None,
         gamma_constraint=None,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
         synchronized=False,
         statistics="moving_average",
         unbiased_variance=True,
-        renorm=False,
+        renorm_warmup_steps=None,
+        virtual_batch_size=None,
         **kwargs,
     ):
-        # Keras's own configs carry these two with renorm; accept them so a Keras BN config loads.
-        kwargs.pop("renorm_clipping", None)
-        kwargs.pop("renorm_momentum", None)
         super().__init__(**kwargs)
-        if renorm:
-            raise ValueError(
-                "kerasbn.BatchNormalization does not implement Batch Renormalization; use "
-                f"keras.layers.BatchNormalization for it. Received: renorm={renorm!r}"
-            )
         self.axis = canonical_axis(axis)
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (
-            0.0 <= momentum <= 1.0
+        for name, value in (
+            ("center", center), ("scale", scale), ("renorm", renorm),
+            ("synchronized", synchronized), ("unbiased_variance", unbiased_variance),
         ):
-            raise ValueError(
-                f"`momentum` must be a number in [0, 1]. Received: momentum={momentum!r}"
-            )
+            _check_bool(name, value)
+        _check_fraction("momentum", momentum)
+        _check_fraction("renorm_momentum", renorm_momentum)
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (
             0.0 <= epsilon < math.inf
         ):
@@ -109,10 +135,21 @@ class BatchNormalization(keras.layers.Layer):
                 f"`statistics` must be one of {STATISTICS_MODES}. "
                 f"Received: statistics={statistics!r}"
             )
+        # As Keras: the clipping is checked, and {} stands for None, only with renorm.
+        if renorm:
+            renorm_clipping = _checked_renorm_clipping(renorm_clipping)
+        _check_renorm_warmup(renorm_warmup_steps, bool(renorm), renorm_clipping)
+        _check_optional_positive_int("virtual_batch_size", virtual_batch_size)
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
         self.center = bool(center)
         self.scale = bool(scale)
+        self.renorm = bool(renorm)
+        self.renorm_clipping = renorm_clipping
+        self.renorm_momentum = float(renorm_momentum)
+        # Plain ints (not NumPy's), so that the config serializes.
+        self.renorm_warmup_steps = _optional_int(renorm_warmup_steps)
+        self.virtual_batch_size = _optional_int(virtual_batch_size)
         self.synchronized = bool(synchronized)
         self.statistics = statistics
         self.unbiased_variance = bool(unbiased_variance)
@@ -129,6 +166,10 @@ class BatchNormalization(keras.layers.Layer):
         self.beta = None
         self.moving_mean = None
         self.moving_variance = None
+        self.moving_stddev = None
+        self.renorm_mean = None
+        self.renorm_stddev = None
+        self.renorm_step = None
         self.population_count = None
         self.population_dof = None
 
@@ -148,6 +189,11 @@ class BatchNormalization(keras.layers.Layer):
                 f"The size of a normalized axis must be known when the layer is built, but "
                 f"axis {unknown[0]} has unknown size. Received: input_shape={input_shape}, "
                 f"axis={self.axis!r}"
+            )
+        if self.virtual_batch_size is not None and 0 in self._axes:
+            raise ValueError(
+                "Ghost batches split the batch axis, which this layer normalizes (axis 0). "
+                f"Received: axis={self.axis!r}, virtual_batch_size={self.virtual_batch_size}"
             )
         param_shape = tuple(input_shape[a] for a in self._axes)
         # Per-channel tensors broadcast against inputs in "keepdims" shape.
@@ -176,15 +222,31 @@ class BatchNormalization(keras.layers.Layer):
             )
         self.moving_mean = statistic("moving_mean", self.moving_mean_initializer)
         self.moving_variance = statistic("moving_variance", self.moving_variance_initializer)
+        if self.renorm:
+            # As Keras: the standard deviations start at √ of the variance initializer's value.
+            self.moving_stddev = statistic("moving_stddev", self._initial_stddev)
+            self.renorm_mean = statistic("renorm_mean", self._initial_mean)
+            self.renorm_stddev = statistic("renorm_stddev", self._initial_stddev)
         self.skipped_updates = statistic(
             "skipped_updates", "zeros", dtype="int64", shape=(), aggregation="only_first_replica"
         )
         if self.statistics == "population":
             self.population_count = statistic("population_count", "zeros")
             self.population_dof = statistic("population_dof", "zeros")
+        if self.renorm_warmup_steps is not None:
+            self.renorm_step = statistic(
+                "renorm_step", "zeros", dtype="int64", shape=(),
+                aggregation="only_first_replica",
+            )
         self.input_spec = keras.layers.InputSpec(
             ndim=rank, axes={a: input_shape[a] for a in self._axes}
         )
+
+    def _initial_mean(self, shape, dtype=None):
+        return _clone_initializer(self.moving_mean_initializer)(shape, dtype=dtype)
+
+    def _initial_stddev(self, shape, dtype=None):
+        return ops.sqrt(_clone_initializer(self.moving_variance_initializer)(shape, dtype=dtype))
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -192,6 +254,10 @@ class BatchNormalization(keras.layers.Layer):
     # --- call ------------------------------------------------------------------------------
 
     def call(self, inputs, training=None, mask=None):
+        # As Keras: integer (and bool) inputs are computed in float32, float64 stays float64.
+        # float16/bfloat16 go to the kernel as they are: it computes in float32 internally.
+        if not inputs.dtype.is_floating:
+            inputs = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
         # As in Keras: a frozen BN (trainable=False) runs in inference mode, for fine-tuning.
         if training and self.trainable:
             outputs = self._training_call(inputs, mask)
@@ -199,63 +265,160 @@ class BatchNormalization(keras.layers.Layer):
             outputs = self._inference_call(inputs)
         return ops.cast(outputs, self.compute_dtype)
 
-    def _per_channel(self, weight, default):
-        return kernel.per_channel(weight, default, self._broadcast_shape)
+    def _per_channel(self, weight, default, dtype):
+        return kernel.per_channel(weight, default, self._broadcast_shape, dtype)
 
     def _inference_call(self, inputs):
+        dtype = kernel.statistics_dtype(inputs.dtype)
         scale, offset = kernel.inference_affine(
-            self._per_channel(self.gamma, 1.0),
-            self._per_channel(self.beta, 0.0),
-            self._per_channel(self.moving_mean, 0.0),
-            self._per_channel(self.moving_variance, 1.0),
+            self._per_channel(self.gamma, 1.0, dtype),
+            self._per_channel(self.beta, 0.0, dtype),
+            self._per_channel(self.moving_mean, 0.0, dtype),
+            self._per_channel(self.moving_variance, 1.0, dtype),
             self.epsilon,
         )
-        return tf.cast(tf.cast(inputs, kernel.STATISTICS_DTYPE) * scale + offset, inputs.dtype)
+        return tf.cast(tf.cast(inputs, dtype) * scale + offset, inputs.dtype)
 
     def _training_call(self, inputs, mask):
+        dtype = kernel.statistics_dtype(inputs.dtype)
         weights = kernel.mask_weights(inputs, mask)
         batch_norm = _sync.select_batch_norm(self.synchronized)
-        # Only an unsynchronized batch must hold m > 1 itself: a replica's share may hold one.
-        if weights is None and batch_norm is kernel.fused_batch_norm:
-            self._check_batch_has_several_values(inputs)
-        outputs, mean, variance, count = batch_norm(
-            inputs,
-            self._per_channel(self.gamma, 1.0),
-            self._per_channel(self.beta, 0.0),
-            reduction_axes=self._reduction_axes,
-            epsilon=self.epsilon,
-            weights=weights,
+        synchronizing = batch_norm is not kernel.fused_batch_norm
+        if synchronizing and (self.renorm or self.virtual_batch_size is not None):
+            raise ValueError(
+                "Synchronized batch normalization across replicas implements neither Batch "
+                "Renormalization nor ghost batches. Received: synchronized=True with "
+                f"renorm={self.renorm}, virtual_batch_size={self.virtual_batch_size}"
+            )
+        arguments = dict(
+            reduction_axes=self._reduction_axes, epsilon=self.epsilon, weights=weights
         )
+        if self.renorm:
+            arguments["renorm"] = self._renorm_inputs(dtype)
+        gamma = self._per_channel(self.gamma, 1.0, dtype)
+        beta = self._per_channel(self.beta, 0.0, dtype)
+        if self.virtual_batch_size is not None:
+            inputs = self._checked_ghost_batches(inputs, weights)
+            outputs, mean, variance, count, dof = kernel.ghost_batch_norm(
+                inputs, gamma, beta, virtual_batch_size=self.virtual_batch_size, **arguments
+            )
+        else:
+            # Only an unsynchronized batch must hold m > 1 itself: a replica's share may hold
+            # one.
+            if weights is None and not synchronizing:
+                self._check_batch_has_several_values(inputs.shape)
+            outputs, mean, variance, count = batch_norm(inputs, gamma, beta, **arguments)
+            dof = None
         channel_shape = self.moving_mean.shape
-        self._update_statistics(*(tf.reshape(t, channel_shape) for t in (mean, variance, count)))
+        moments = [
+            None if t is None else tf.cast(tf.reshape(t, channel_shape), self.moving_mean.dtype)
+            for t in (mean, variance, count, dof)
+        ]
+        self._update_statistics(*moments)
         return outputs
 
-    def _check_batch_has_several_values(self, inputs):
-        dims = [inputs.shape[a] for a in self._reduction_axes]
+    def _check_batch_has_several_values(self, shape, what="batch"):
+        dims = [shape[a] for a in self._reduction_axes]
         if all(d is not None for d in dims) and math.prod(dims) == 1:
             raise ValueError(
-                "A training batch needs more than one value per channel to compute batch "
+                f"A training {what} needs more than one value per channel to compute batch "
                 "statistics (the paper's m), but this one has m = 1. Use a larger batch, or "
-                f"call the layer with training=False. Received: inputs.shape={tuple(inputs.shape)}"
+                f"call the layer with training=False. Received: inputs.shape={tuple(shape)}"
+                + (f", virtual_batch_size={self.virtual_batch_size}" if what != "batch" else "")
             )
 
-    def _update_statistics(self, mean, variance, count):
+    def _checked_ghost_batches(self, inputs, weights):
+        """The inputs, checked to split into ghost batches: statically where the batch size
+        is known at trace time, else by an assertion that runs before the kernel."""
+        k = self.virtual_batch_size
+        size = inputs.shape[0]
+        message = (
+            f"The batch size must be a multiple of virtual_batch_size={k}. Received: "
+            f"inputs.shape={tuple(inputs.shape)}"
+        )
+        if weights is None:
+            self._check_batch_has_several_values((k, *inputs.shape[1:]), "ghost batch")
+        if size is not None:
+            if size % k:
+                raise ValueError(message)
+            return inputs
+        check = tf.debugging.assert_equal(tf.shape(inputs)[0] % k, 0, message=message)
+        with tf.control_dependencies([check]):
+            return tf.identity(inputs)
+
+    def _renorm_inputs(self, dtype):
+        """`kernel.Renorm` for this step: the renorm statistics and the clipping bounds, the
+        latter relaxed from plain BN over `renorm_warmup_steps`."""
+        clipping = self.renorm_clipping or {}
+        rmin = clipping.get("rmin")
+        rmax = clipping.get("rmax")
+        dmax = clipping.get("dmax")
+        rmin = 0.0 if rmin is None else float(rmin)
+        rmax = math.inf if rmax is None else float(rmax)
+        dmax = math.inf if dmax is None else float(dmax)
+        if self.renorm_step is not None:
+            progress = tf.minimum(
+                tf.cast(self.renorm_step.value, dtype) / float(self.renorm_warmup_steps), 1.0
+            )
+            rmin = 1.0 - progress * (1.0 - rmin)
+            rmax = 1.0 + progress * (rmax - 1.0)
+            dmax = progress * dmax
+        return kernel.Renorm(
+            mean=self._per_channel(self.renorm_mean, 0.0, dtype),
+            stddev=self._per_channel(self.renorm_stddev, 1.0, dtype),
+            rmin=rmin, rmax=rmax, dmax=dmax,
+        )
+
+    def _update_statistics(self, mean, variance, count, dof=None):
+        """Every stored statistic's update from one batch, all or none (see `updates`)."""
+        new_values = []  # (variable, value): Keras variables overload ==, so no dict keys
+        accepted = []
+        stddev = None if not self.renorm else updates.batch_stddev(
+            variance, count, epsilon=self.epsilon, unbiased_variance=self.unbiased_variance,
+            dof=dof,
+        )
         if self.statistics == "population":
-            new_mean, new_variance, new_count, new_dof, accepted = updates.population_update(
+            *state, ok = updates.population_update(
                 self.moving_mean.value, self.moving_variance.value,
                 self.population_count.value, self.population_dof.value,
-                mean, variance, count,
+                mean, variance, count, dof,
             )
-            self.population_count.assign(new_count)
-            self.population_dof.assign(new_dof)
+            accepted.append(ok)
+            new_values += zip(
+                (self.moving_mean, self.moving_variance, self.population_count,
+                 self.population_dof), state, strict=True,
+            )
+            if self.renorm:
+                new_values.append((self.moving_stddev, tf.sqrt(state[1] + self.epsilon)))
+        elif self.renorm:
+            *state, ok = updates.renorm_moving_average_update(
+                self.moving_mean.value, self.moving_stddev.value, self.moving_variance.value,
+                mean, stddev, count, momentum=self.momentum, epsilon=self.epsilon,
+            )
+            accepted.append(ok)
+            new_values += zip(
+                (self.moving_mean, self.moving_stddev, self.moving_variance), state, strict=True
+            )
         else:
-            new_mean, new_variance, accepted = updates.moving_average_update(
+            *state, ok = updates.moving_average_update(
                 self.moving_mean.value, self.moving_variance.value, mean, variance, count,
-                momentum=self.momentum, unbiased_variance=self.unbiased_variance,
+                momentum=self.momentum, unbiased_variance=self.unbiased_variance, dof=dof,
             )
-        self.moving_mean.assign(new_mean)
-        self.moving_variance.assign(new_variance)
+            accepted.append(ok)
+            new_values += zip((self.moving_mean, self.moving_variance), state, strict=True)
+        if self.renorm:
+            *state, ok = updates.moving_average_update(
+                self.renorm_mean.value, self.renorm_stddev.value, mean, stddev, count,
+                momentum=self.renorm_momentum, unbiased_variance=False,
+            )
+            accepted.append(ok)
+            new_values += zip((self.renorm_mean, self.renorm_stddev), state, strict=True)
+        accepted = tf.reduce_all(tf.stack(accepted))
+        for variable, value in new_values:
+            variable.assign(tf.where(accepted, value, variable.value))
         self.skipped_updates.assign_add(tf.cast(tf.logical_not(accepted), "int64"))
+        if self.renorm_step is not None:
+            self.renorm_step.assign_add(1)
 
     # --- state -----------------------------------------------------------------------------
 
@@ -263,23 +426,33 @@ class BatchNormalization(keras.layers.Layer):
         """Return the inference statistics to their initial values and forget every batch.
 
         In the population mode the next training-mode batches start a new Algorithm 2
-        estimate; `skipped_updates` restarts from zero too.
+        estimate; `skipped_updates` (and with renorm, the renorm statistics and `renorm_step`)
+        restart too.
         """
         if not self.built:
             return
-        self.moving_mean.assign(self.moving_mean_initializer(self.moving_mean.shape, "float32"))
-        self.moving_variance.assign(
-            self.moving_variance_initializer(self.moving_variance.shape, "float32")
+        initial_values = (
+            (self.moving_mean, self._initial_mean),
+            (self.moving_variance, _clone_initializer(self.moving_variance_initializer)),
+            (self.moving_stddev, self._initial_stddev),
+            (self.renorm_mean, self._initial_mean),
+            (self.renorm_stddev, self._initial_stddev),
         )
-        self.skipped_updates.assign(0)
-        if self.statistics == "population":
-            self.population_count.assign(tf.zeros_like(self.population_count.value))
-            self.population_dof.assign(tf.zeros_like(self.population_dof.value))
+        for variable, initializer in initial_values:
+            if variable is not None:
+                variable.assign(initializer(variable.shape, dtype=variable.dtype))
+        for counter in (self.skipped_updates, self.population_count, self.population_dof,
+                        self.renorm_step):
+            if counter is not None:
+                counter.assign(tf.zeros_like(counter.value))
 
     def _keras_compatible_variables(self):
         """The variables `keras.layers.BatchNormalization` has, in its order."""
         return [
-            v for v in (self.gamma, self.beta, self.moving_mean, self.moving_variance)
+            v for v in (
+                self.gamma, self.beta, self.moving_mean, self.moving_variance,
+                self.moving_stddev, self.renorm_mean, self.renorm_stddev,
+            )
             if v is not None
         ]
 
@@ -331,7 +504,115 @@ class BatchNormalization(keras.layers.Layer):
             "beta_constraint": constraints.serialize(self.beta_constraint),
             "gamma_constraint": constraints.serialize(self.gamma_constraint),
             "synchronized": self.synchronized,
+            "renorm": self.renorm,
+            "renorm_clipping": self.renorm_clipping,
+            "renorm_momentum": self.renorm_momentum,
             "statistics": self.statistics,
             "unbiased_variance": self.unbiased_variance,
+            "renorm_warmup_steps": self.renorm_warmup_steps,
+            "virtual_batch_size": self.virtual_batch_size,
         }
         return {**super().get_config(), **config}
+
+
+# --- argument checks ---------------------------------------------------------------------------
+
+
+def _check_bool(name, value):
+    # A string such as "no" is truthy: refusing it is kinder than reading it as True.
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a bool. Received: {name}={value!r}")
+
+
+def _is_number(value):
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def _check_fraction(name, value):
+    if not _is_number(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}")
+
+
+def _check_optional_positive_int(name, value):
+    if value is not None and (
+        not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1
+    ):
+        raise ValueError(
+            f"`{name}` must be None or a positive integer. Received: {name}={value!r}"
+        )
+
+
+_RENORM_CLIPPING_KEYS = ["rmax", "rmin", "dmax"]
+
+
+def _checked_renorm_clipping(renorm_clipping):
+    """Keras's checks and messages (as f-strings), plus: the bounds are numbers or None."""
+    renorm_clipping = renorm_clipping or {}
+    if not isinstance(renorm_clipping, dict):
+        raise TypeError(
+            "`renorm_clipping` must be a dict with keys among "
+            f"{_RENORM_CLIPPING_KEYS}. Received: renorm_clipping={renorm_clipping!r}"
+        )
+    if set(renorm_clipping) - set(_RENORM_CLIPPING_KEYS):
+        raise ValueError(
+            "Received invalid keys for `renorm_clipping` argument: "
+            f"{renorm_clipping}. Supported values: {_RENORM_CLIPPING_KEYS}."
+        )
+    for key, value in renorm_clipping.items():
+        if value is not None and (not _is_number(value) or math.isnan(value)):
+            raise ValueError(
+                f"`renorm_clipping[{key!r}]` must be a number or None. Received: "
+                f"renorm_clipping={renorm_clipping!r}"
+            )
+    rmax = renorm_clipping.get("rmax")
+    rmin = renorm_clipping.get("rmin")
+    dmax = renorm_clipping.get("dmax")
+    if rmax is not None and rmin is not None and rmax < rmin:
+        raise ValueError(
+            "rmax should be greater than rmin in the `renorm_clipping` argument. "
+            f"Received: rmax={rmax}, rmin={rmin}."
+        )
+    if dmax is not None and dmax < 0:
+        raise ValueError(
+            "dmax should be non-negative in the `renorm_clipping` argument. "
+            f"Received: dmax={dmax}."
+        )
+    # Plain floats (not NumPy's), so that the config serializes.
+    return {key: None if value is None else float(value) for key, value in renorm_clipping.items()}
+
+
+def _optional_int(value):
+    return None if value is None else int(value)
+
+
+def _check_renorm_warmup(steps, renorm, renorm_clipping):
+    _check_optional_positive_int("renorm_warmup_steps", steps)
+    if steps is None:
+        return
+    if not renorm:
+        raise ValueError(
+            "`renorm_warmup_steps` schedules Batch Renormalization's clipping and needs "
+            f"renorm=True. Received: renorm_warmup_steps={steps}, renorm=False"
+        )
+    missing = [k for k in ("rmax", "dmax") if renorm_clipping.get(k) is None]
+    if missing or not all(math.isfinite(renorm_clipping[k]) for k in ("rmax", "dmax")):
+        raise ValueError(
+            "`renorm_warmup_steps` relaxes rmax from 1 and dmax from 0 to finite final values, "
+            "so `renorm_clipping` must give finite 'rmax' and 'dmax'. Received: "
+            f"renorm_clipping={renorm_clipping!r}, renorm_warmup_steps={steps}"
+        )
+    if renorm_clipping.get("rmax") < 1.0 or renorm_clipping.get("rmin", 0.0) > 1.0:
+        raise ValueError(
+            "`renorm_warmup_steps` starts from plain BN (r = 1), so the final clipping must "
+            f"hold r = 1: rmin <= 1 <= rmax. Received: renorm_clipping={renorm_clipping!r}"
+        )
+
+
+def _clone_initializer(initializer):
+    """A fresh copy of a Keras initializer (as Keras's BN clones them): a seeded initializer
+    called twice must not return the same values for two weights."""
+    if isinstance(initializer, initializers.Initializer):
+        return initializer.__class__.from_config(initializer.get_config())
+    return initializer

@@ -66,6 +66,8 @@ class PopulationReport:
         samples_seen: samples in those batches.
         batches_skipped: batches left out because some BN layer's statistics were not finite
             (NaN/Inf in the data or activations) or had fewer than 2 values per channel.
+        batches_too_small: of those, the batches skipped because some BN layer had fewer than
+            2 values per channel (m < 2: no unbiased variance), whatever their values.
         steps_exceeded_data: `steps` asked for more batches than `data` had; all were used.
         frozen_layers: BN layers with `trainable=False`, left unchanged (they run in inference
             mode in training too, as in Keras).
@@ -80,6 +82,7 @@ class PopulationReport:
     steps_exceeded_data: bool
     frozen_layers: tuple[str, ...] = ()
     unreached_layers: tuple[str, ...] = ()
+    batches_too_small: int = 0
 
     @property
     def layers_updated(self) -> int:
@@ -91,7 +94,7 @@ class PopulationReport:
             f"layer(s) from {self.batches_used} batch(es), {self.samples_seen} sample(s).",
         ]
         if self.batches_skipped:
-            lines.append(f"Skipped {self.batches_skipped} batch(es) with non-finite statistics.")
+            lines.append(f"Skipped {self.batches_skipped} batch(es): {_skip_reasons(self)}.")
         if self.steps_exceeded_data:
             lines.append("`steps` exceeded the data: every available batch was used.")
         if self.frozen_layers:
@@ -99,6 +102,19 @@ class PopulationReport:
         if self.unreached_layers:
             lines.append(f"Left unreached layers unchanged: {', '.join(self.unreached_layers)}.")
         return "\n".join(lines)
+
+
+def _skip_reasons(report):
+    non_finite = report.batches_skipped - report.batches_too_small
+    reasons = []
+    if report.batches_too_small:
+        reasons.append(
+            f"{report.batches_too_small} with fewer than 2 values per channel (m < 2) in some "
+            "BatchNormalization layer"
+        )
+    if non_finite:
+        reasons.append(f"{non_finite} with non-finite statistics")
+    return ", ".join(reasons)
 
 
 # --- the public function ---------------------------------------------------------------------
@@ -130,16 +146,23 @@ def population_statistics(model, data, steps=None, verbose="auto", *, batch_size
     training-mode batches continue this same estimate. `skipped_updates` is not touched.
     Masks reaching a BN layer are honoured as in training: masked positions are not counted.
     Frozen layers (`trainable=False`) keep their statistics and run in inference mode, as in
-    training. Keras layers with `renorm=True` are treated as plain BN (batch statistics).
+    training. Layers with `renorm=True` (Keras's or kerasbn's) or `virtual_batch_size` are
+    treated as plain BN (moments of the whole batch; their inference is plain BN), and a renorm
+    layer's `moving_stddev` is set to √(variance + epsilon) to stay consistent with its
+    variance. Integer inputs are computed in float32 and float64 ones in float64, as the
+    layers compute them.
 
     Raises:
         ValueError: empty data, no trainable BN layer, `steps` <= 0, data that does not fit
-            the model, or no batch with finite statistics.
-        TypeError: `model` is not a Keras model or `data` of an unsupported type.
+            the model, a batch whose per-sample shape differs from the first batch's (checked
+            before the batch runs; the layers are only written after the whole pass), or no
+            usable batch (the message says how many had m < 2 and how many were non-finite).
+        TypeError: `model` is not a Keras model, or `data` is None or of an unsupported type.
     """
     _check_steps(steps)
     verbose = _check_verbose(verbose)
     _check_batch_size(batch_size)
+    _check_data(data)
     probed, frozen, unbuilt = _batch_norm_layers(model)
     compiled = _compiled_pass(model, probed)
     compiled.reset()
@@ -147,20 +170,26 @@ def population_statistics(model, data, steps=None, verbose="auto", *, batch_size
         target = num_batches if steps is None else steps
         progbar = keras.utils.Progbar(target, verbose=verbose, stateful_metrics=["skipped"])
         with _probes_installed(compiled.probes):
-            drawn, used, seen = _run(compiled, batches, steps, progbar)
+            drawn, used, seen, too_small = _run(compiled, batches, steps, progbar)
     if drawn == 0:
         raise ValueError(f"`data` yielded no batch. Received: data of type {type(data).__name__}")
-    if used == 0:
-        raise ValueError(
-            f"Every batch had non-finite statistics (or fewer than 2 values per channel) in some "
-            f"BatchNormalization layer; statistics left unchanged. Received: {drawn} batch(es)"
-        )
-    updated, unreached = _commit(compiled.accumulators)
-    return PopulationReport(
-        layers=updated,
+    report = PopulationReport(
+        layers=(),
         batches_used=used,
         samples_seen=seen,
         batches_skipped=drawn - used,
+        batches_too_small=too_small,
+        steps_exceeded_data=False,
+    )
+    if used == 0:
+        raise ValueError(
+            "Every batch was skipped, statistics left unchanged: "
+            f"{_skip_reasons(report)}. Received: {drawn} batch(es)"
+        )
+    updated, unreached = _commit(compiled.accumulators)
+    return dataclasses.replace(
+        report,
+        layers=updated,
         steps_exceeded_data=steps is not None and drawn < steps,
         frozen_layers=tuple(layer.name for layer in frozen),
         unreached_layers=tuple(layer.name for layer in unbuilt) + unreached,
@@ -168,19 +197,22 @@ def population_statistics(model, data, steps=None, verbose="auto", *, batch_size
 
 
 def _run(compiled, batches, steps, progbar):
-    """Runs the step over the batches. Returns (batches drawn, batches used, samples used)."""
-    drawn = used = seen = 0
+    """Runs the step over the batches. Returns (batches drawn, batches used, samples used,
+    batches skipped for m < 2)."""
+    drawn = used = seen = too_small = 0
     # islice, not a check inside the loop: a generator must not be asked for one batch more.
     for x in itertools.islice(batches, steps):
-        accepted, size = compiled.step_checked(x, drawn)
+        accepted, small, size = compiled.step_checked(x, drawn)
         drawn += 1
         if accepted:
             used += 1
             seen += size
+        elif small:
+            too_small += 1
         # Shown only when there is something to say (Progbar prints 0 as 0.0000e+00).
         skipped = [("skipped", drawn - used)] if drawn > used else None
         progbar.update(drawn, values=skipped)
-    return drawn, used, seen
+    return drawn, used, seen, too_small
 
 
 # --- argument checks -------------------------------------------------------------------------
@@ -199,6 +231,14 @@ def _check_batch_size(batch_size):
     if batch_size is not None and not _is_positive_int(batch_size):
         raise ValueError(
             f"`batch_size` must be a positive integer or None. Received: batch_size={batch_size!r}"
+        )
+
+
+def _check_data(data):
+    if data is None:
+        raise TypeError(
+            "`data` must be arrays, a tf.data.Dataset, a Python generator or a "
+            "keras.utils.PyDataset of the model's inputs. Received: data=None"
         )
 
 
@@ -352,11 +392,17 @@ class _Probe:
 
     def __call__(self, inputs, training=None, mask=None):
         layer = self.layer
+        # As the layers do: integer inputs are computed in float32, float64 stays float64.
+        if not inputs.dtype.is_floating:
+            inputs = tf.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        dtype = kernel.statistics_dtype(inputs.dtype)
         rank = len(inputs.shape)
         axes = normalize_axes(layer.axis, rank)
         keepdims_shape = [inputs.shape[a] if a in axes else 1 for a in range(rank)]
-        gamma = kernel.per_channel(layer.gamma if layer.scale else None, 1.0, keepdims_shape)
-        beta = kernel.per_channel(layer.beta if layer.center else None, 0.0, keepdims_shape)
+        gamma = kernel.per_channel(
+            layer.gamma if layer.scale else None, 1.0, keepdims_shape, dtype
+        )
+        beta = kernel.per_channel(layer.beta if layer.center else None, 0.0, keepdims_shape, dtype)
         if self._tf_fused_applies(inputs, axes, mask):
             outputs, *moments = _tf_fused_batch_norm(inputs, gamma, beta, layer.epsilon)
         else:
@@ -364,8 +410,8 @@ class _Probe:
                 inputs, gamma, beta, reduction_axes=reduction_axes(axes, rank),
                 epsilon=layer.epsilon, weights=kernel.mask_weights(inputs, mask),
             )
-        shape = layer.moving_mean.shape
-        self.records.append(tuple(tf.reshape(t, shape) for t in moments))
+        shape, stored = layer.moving_mean.shape, layer.moving_mean.dtype
+        self.records.append(tuple(tf.cast(tf.reshape(t, shape), stored) for t in moments))
         return tf.cast(outputs, layer.compute_dtype)
 
     def _tf_fused_applies(self, inputs, axes, mask):
@@ -401,7 +447,7 @@ class _Accumulator:
         self.layer = layer
         shape = tuple(layer.moving_mean.shape)
         self.variables = tuple(
-            tf.Variable(tf.zeros(shape, kernel.STATISTICS_DTYPE), trainable=False)
+            tf.Variable(tf.zeros(shape, layer.moving_mean.dtype), trainable=False)
             for _ in ("mean", "variance", "count", "dof")
         )
 
@@ -451,20 +497,55 @@ class _CompiledPass:
             candidates.append(state)
         # All or nothing per batch: every layer is estimated from the same samples.
         batch_ok = tf.reduce_all(tf.stack(accepted)) if accepted else tf.constant(True)
+        # Why a batch is skipped: m < 2 somewhere, or else non-finite statistics.
+        counts = [record[2] for probe in self.probes for record in probe.records]
+        too_small = tf.reduce_any([tf.reduce_any(c < 2.0) for c in counts]) if counts else False
         for accumulator, state in zip(self.accumulators, candidates, strict=True):
             accumulator.assign_if(batch_ok, state)
-        return batch_ok, tf.shape(tf.nest.flatten(x)[0])[0]
+        return batch_ok, too_small, tf.shape(tf.nest.flatten(x)[0])[0]
 
     def step_checked(self, x, index):
-        """Runs one batch; returns (accepted, batch size). Shape errors name the batch."""
+        """Runs one batch; returns (accepted, skipped for m < 2, batch size). Shape errors name
+        the batch."""
+        self._check_shapes(x, index)
         try:
-            accepted, size = self.step(x)
+            accepted, too_small, size = self.step(x)
         except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
             raise ValueError(
                 f"The data does not fit the model (batch {index}): {_short(error)}\nReceived: "
                 f"inputs of shape {_describe_inputs(x)}"
             ) from error
-        return bool(accepted), int(size)
+        return bool(accepted), bool(too_small), int(size)
+
+    def _check_shapes(self, x, index):
+        """Every batch's inputs have the first batch's per-sample shapes, and those fit the
+        model's declared inputs: the traced step relaxes shapes and would average a batch of
+        another spatial size into the estimate."""
+        shapes = [tuple(np.shape(t))[1:] for t in tf.nest.flatten(x)]
+        if index == 0:
+            self._first_batch = (shapes, _describe_inputs(x))
+            self._check_declared_shapes(x, shapes)
+        elif shapes != self._first_batch[0]:
+            raise ValueError(
+                f"Every batch must have the first batch's per-sample shape, but batch {index} "
+                f"differs. Received: inputs of shape {_describe_inputs(x)} in batch {index}, "
+                f"{self._first_batch[1]} in batch 0"
+            )
+
+    def _check_declared_shapes(self, x, shapes):
+        model = self._model()
+        declared = getattr(model, "inputs", None) or []
+        if len(declared) != 1 or len(shapes) != 1:
+            return  # a subclassed model, or several inputs the call maps itself
+        for spec, shape in zip(declared, shapes, strict=True):
+            expected = tuple(spec.shape)[1:]
+            if len(expected) != len(shape) or any(
+                e is not None and e != d for e, d in zip(expected, shape, strict=True)
+            ):
+                raise ValueError(
+                    f"The data does not fit the model (batch 0): the model takes inputs of "
+                    f"shape {tuple(spec.shape)}\nReceived: inputs of shape {_describe_inputs(x)}"
+                )
 
 
 # Keyed weakly by model, so a model's traced step is reused across passes (the callback runs
@@ -494,6 +575,10 @@ def _commit(accumulators):
             continue
         layer.moving_mean.assign(mean)
         layer.moving_variance.assign(variance)
+        # A renorm layer (Keras's or ours) derives its variance from `moving_stddev` at its next
+        # training step: keep the two consistent.
+        if getattr(layer, "renorm", False):
+            layer.moving_stddev.assign(np.sqrt(variance + layer.epsilon))
         # A kerasbn layer in the population mode: later training batches pool with this pass.
         if getattr(layer, "population_count", None) is not None:
             layer.population_count.assign(count)
@@ -514,6 +599,9 @@ class PopulationStatistics(keras.callbacks.Callback):
     epoch use them too. Keras validates inside the epoch, after the last training step, through
     `on_test_begin`: the pass runs there, or in `on_epoch_end` if the epoch has no validation.
     Put this callback before checkpointing callbacks so that they save the new statistics.
+    With an optimizer using `use_ema=True`, fit ends by swapping the weights' moving averages in
+    (before `on_train_end`): the final pass runs for those weights, even right after an
+    `every_n_epochs` pass.
 
     Args:
         data: as for `population_statistics`; replayable (arrays, a `tf.data.Dataset`, a
@@ -581,6 +669,10 @@ class PopulationStatistics(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._in_fit = False
-        # Skip a pass that would repeat the last one: no training step since.
-        if self._pass_epoch is None or self._pass_epoch != self._epoch:
+        # Skip a pass that would repeat the last one: no training step since, and no weight
+        # swap. An optimizer with `use_ema=True` has just replaced the weights by their moving
+        # averages (Keras's fit calls `finalize_variable_values` before `on_train_end`), so
+        # the statistics must be those of the weights the model ends with.
+        weights_swapped = bool(getattr(getattr(self.model, "optimizer", None), "use_ema", False))
+        if self._pass_epoch is None or self._pass_epoch != self._epoch or weights_swapped:
             self._run_pass()

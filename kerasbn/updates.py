@@ -1,9 +1,9 @@
 """How one training batch changes the stored inference statistics.
 
-Pure functions of per-channel float32 tensors: batch moments (μ_B, biased σ²_B, m) in, new
-statistics out, plus `accepted`, a scalar bool. A batch whose statistics are not finite (NaN or
-Inf in the input), or that cannot give an unbiased variance (m < 2), is not accepted and leaves
-every statistic exactly as it was; the layer counts it.
+Pure functions of per-channel tensors (float32, or float64 for a float64 layer): batch moments
+(μ_B, biased σ²_B, m) in, new statistics out, plus `accepted`, a scalar bool. A batch whose
+statistics are not finite (NaN or Inf in the input), or that cannot give an unbiased variance
+(m < 2), is not accepted and leaves every statistic exactly as it was; the layer counts it.
 
 Moving average (Keras's convention):   new = momentum·old + (1 − momentum)·batch
 
@@ -17,6 +17,14 @@ unequal sizes every *value* weighs the same (a short last batch does not count a
 full one), and the variance is the pooled within-batch estimate, unbiased whatever the sizes.
 They are kept as running convex combinations, weights old_count/new_count and m/new_count, so
 no large sum is stored and the first batch after a reset replaces the old values exactly.
+
+Batch Renormalization (Keras 3.14+'s rule) averages the standard deviation σ_B = √(σ²_B + ε)
+rather than the variance, and derives the variance from it:
+
+    stddev = momentum·stddev + (1 − momentum)·σ_B,   variance = max(stddev² − ε, 0)
+
+for the inference statistics (`momentum`) and for the renorm statistics r and d are taken
+against (`renorm_momentum`, no variance). σ²_B is unbiased first when `unbiased_variance`.
 """
 
 from __future__ import annotations
@@ -28,19 +36,31 @@ def _all_finite(*tensors):
     return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
 
 
-def unbiased(variance, count):
-    """m/(m−1)·σ²: Bessel's correction (infinite or NaN for m = 1, so rejected by the guard)."""
-    return variance * (count / (count - 1.0))
+def degrees_of_freedom(count, dof=None):
+    """m − 1, or the `dof` given (Σ_g (m_g − 1) for a batch pooled from ghost batches)."""
+    return count - 1.0 if dof is None else dof
+
+
+def unbiased(variance, count, dof=None):
+    """m/(m−1)·σ²: Bessel's correction (infinite or NaN for m = 1, so rejected by the guard).
+
+    With ghost batches, σ² is the mean within-group variance and m/dof the pooled correction.
+    """
+    return variance * (count / degrees_of_freedom(count, dof))
 
 
 def moving_average_update(
-    moving_mean, moving_variance, mean, variance, count, *, momentum, unbiased_variance
+    moving_mean, moving_variance, mean, variance, count, *, momentum, unbiased_variance,
+    dof=None,
 ):
     """Returns (new_mean, new_variance, accepted)."""
+    dof = degrees_of_freedom(count, dof)
     if unbiased_variance:
-        variance = unbiased(variance, count)
-    least_count = 2.0 if unbiased_variance else 1.0
-    accepted = _all_finite(mean, variance) & tf.reduce_all(count >= least_count)
+        variance = unbiased(variance, count, dof)
+        accepted = tf.reduce_all(dof >= 1.0)
+    else:
+        accepted = tf.reduce_all(count >= 1.0)
+    accepted &= _all_finite(mean, variance)
     new_mean = moving_mean * momentum + mean * (1.0 - momentum)
     new_variance = moving_variance * momentum + variance * (1.0 - momentum)
     return (
@@ -50,16 +70,42 @@ def moving_average_update(
     )
 
 
+def batch_stddev(variance, count, *, epsilon, unbiased_variance, dof=None):
+    """σ_B = √(σ²_B + ε), with σ²_B unbiased first when `unbiased_variance` (not finite for
+    m = 1, so the update guards reject it)."""
+    if unbiased_variance:
+        variance = unbiased(variance, count, dof)
+    return tf.sqrt(variance + epsilon)
+
+
+def renorm_moving_average_update(
+    moving_mean, moving_stddev, moving_variance, mean, stddev, count, *, momentum, epsilon
+):
+    """Returns (new_mean, new_stddev, new_variance, accepted): the renorm rule above, for the
+    batch's mean and `batch_stddev`."""
+    new_mean, new_stddev, accepted = moving_average_update(
+        moving_mean, moving_stddev, mean, stddev, count, momentum=momentum,
+        unbiased_variance=False,
+    )
+    new_variance = tf.where(
+        accepted, tf.nn.relu(tf.square(new_stddev) - epsilon), moving_variance
+    )
+    return new_mean, new_stddev, new_variance, accepted
+
+
 def population_update(
-    population_mean, population_variance, total_count, total_dof, mean, variance, count
+    population_mean, population_variance, total_count, total_dof, mean, variance, count,
+    dof=None,
 ):
     """Returns (new_mean, new_variance, new_total_count, new_total_dof, accepted).
 
-    `total_count` is Σ m_B and `total_dof` is Σ (m_B − 1) over the batches accepted so far.
+    `total_count` is Σ m_B and `total_dof` is Σ (m_B − 1) over the batches accepted so far
+    (a batch of ghost batches adds its `dof`, Σ_g (m_g − 1)).
     """
-    accepted = _all_finite(mean, variance) & tf.reduce_all(count >= 2.0)
+    dof = degrees_of_freedom(count, dof)
+    accepted = _all_finite(mean, variance) & tf.reduce_all(dof >= 1.0)
     new_count = total_count + count
-    new_dof = total_dof + (count - 1.0)
+    new_dof = total_dof + dof
     new_mean = population_mean * (total_count / new_count) + mean * (count / new_count)
     new_variance = population_variance * (total_dof / new_dof) + variance * (count / new_dof)
     return (

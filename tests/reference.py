@@ -69,3 +69,53 @@ def backward(x, gamma, dy, axes, epsilon, weights=None):
 
 def unbiased(variance, m):
     return variance * m / (m - 1.0)
+
+
+def renorm(x, gamma, beta, dy, axes, epsilon, renorm_mean, renorm_stddev,
+           rmin=0.0, rmax=np.inf, dmax=np.inf, weights=None):
+    """Batch Renormalization (Ioffe, 2017) in training mode, as Keras 3.14+ defines it:
+
+        σ_B = √(σ²_B + ε),  σ = max(renorm_stddev, √ε),
+        r = clip(σ_B/σ, rmin, rmax),  d = clip((μ_B − μ)/σ, −dmax, dmax),
+        y = γ·(r·x̂ + d) + β
+
+    r and d are constants of the step (no gradient through them), so ∂ℓ/∂x is plain BN's with
+    γ·r for γ, and ∂ℓ/∂γ = Σ g·(r·x̂ + d). Returns (y, dx, dγ, dβ, r, d), r and d per channel
+    in keepdims shape.
+    """
+    x = np.asarray(x, np.float64)
+    mean, variance, _ = moments(x, axes, weights)
+    shape = lambda v: per_channel(np.asarray(v, np.float64), x.ndim, axes)  # noqa: E731
+    sigma = np.maximum(shape(renorm_stddev), np.sqrt(epsilon))
+    r = np.clip(np.sqrt(variance + epsilon) / sigma, rmin, rmax)
+    d = np.clip((mean - shape(renorm_mean)) / sigma, -dmax, dmax)
+    x_hat = (x - mean) / np.sqrt(variance + epsilon)
+    y = shape(gamma) * (r * x_hat + d) + shape(beta)
+    gamma_r = np.reshape(shape(gamma) * r, np.shape(gamma))
+    dx, _, d_beta = backward(x, gamma_r, dy, axes, epsilon, weights)
+    red = reduction_axes(x.ndim, axes)
+    d_gamma = (np.asarray(dy, np.float64) * (r * x_hat + d)).sum(red)
+    return y, dx, d_gamma, d_beta, r, d
+
+
+def ghost_batches(x, gamma, beta, dy, axes, epsilon, virtual_batch_size):
+    """Ghost batch normalization: each group of `virtual_batch_size` consecutive samples is a
+    batch of its own (forward and backward), γ and β shared. Returns (y, dx, dγ, dβ, mean,
+    variance, m, dof): the batch statistics pooled from the groups as the layer stores them,
+    mean = Σ m_g μ_g / Σ m_g, variance = Σ m_g σ²_g / Σ m_g (biased), m = Σ m_g,
+    dof = Σ (m_g − 1), all per channel (flattened)."""
+    x = np.asarray(x, np.float64)
+    outputs = []
+    for start in range(0, len(x), virtual_batch_size):
+        group = slice(start, start + virtual_batch_size)
+        y, mean, variance, m = forward(x[group], gamma, beta, axes, epsilon)
+        dx, d_gamma, d_beta = backward(x[group], gamma, dy[group], axes, epsilon)
+        outputs.append((y, dx, d_gamma, d_beta, mean, variance, m))
+    y, dx = (np.concatenate([o[i] for o in outputs]) for i in (0, 1))
+    d_gamma, d_beta = (sum(o[i] for o in outputs) for i in (2, 3))
+    means, variances, counts = (np.stack([o[i].reshape(-1) for o in outputs]) for i in (4, 5, 6))
+    total = counts.sum(0)
+    return (
+        y, dx, d_gamma, d_beta, (counts * means).sum(0) / total,
+        (counts * variances).sum(0) / total, total, (counts - 1).sum(0),
+    )

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.helpers import Subclassed, all_layers, bn_layers, randomize_bn
+from tests.helpers import Subclassed, all_layers, bn_layers, keras_batch_normalization, randomize_bn
 
 L = keras.layers
 
@@ -150,12 +150,16 @@ def test_folds_into_each_producer_layout(case, rng):
 
 BN_VARIANTS = {
     "keras": lambda: L.BatchNormalization(),
-    "keras_renorm": lambda: L.BatchNormalization(renorm=True),
+    "keras_renorm": lambda: keras_batch_normalization(renorm=True),
     "keras_synchronized": lambda: L.BatchNormalization(synchronized=True),
     "keras_no_scale_no_center": lambda: L.BatchNormalization(scale=False, center=False),
     "kerasbn_population": lambda: kerasbn.BatchNormalization(statistics="population"),
     "kerasbn_synchronized_eps": lambda: kerasbn.BatchNormalization(synchronized=True, epsilon=0.1),
     "kerasbn_axis_tuple_of_one": lambda: kerasbn.BatchNormalization(axis=(-1,)),
+    "kerasbn_renorm": lambda: kerasbn.BatchNormalization(
+        renorm=True, renorm_clipping={"rmax": 3.0, "dmax": 5.0}, renorm_warmup_steps=10
+    ),
+    "kerasbn_ghost_batches": lambda: kerasbn.BatchNormalization(virtual_batch_size=2),
 }
 
 

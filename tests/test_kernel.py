@@ -5,7 +5,7 @@ from kerasbn import kernel
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests import reference
@@ -213,3 +213,150 @@ def test_blockwise_sums_match_reference(monkeypatch, shape, axes):
     np.testing.assert_allclose(dx, ref_dx, rtol=1e-3, atol=1e-5 * dx_scale)
     np.testing.assert_allclose(dgamma, ref_dgamma, rtol=1e-4, atol=1e-4 * _scale_of(ref_dgamma))
     np.testing.assert_allclose(dbeta, ref_dbeta, rtol=1e-4, atol=1e-5 * _scale_of(ref_dbeta))
+
+
+# --- Batch Renormalization and ghost batches ---------------------------------------------------
+
+
+# Fewer examples: each new shape compiles the XLA kernels afresh.
+@settings(max_examples=12)
+@given(
+    inputs_and_axes(max_rank=4),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([(0.0, np.inf, np.inf), (0.5, 2.0, 0.5), (1.0, 1.0, 0.0), (0.9, 1.1, 5.0)]),
+)
+def test_renorm_forward_and_backward_match_reference(case, seed, clipping):
+    """y = γ·(r·x̂ + d) + β with r, d clipped and constant in the backward pass."""
+    x, axes, gamma, beta, dy = case
+    rng = np.random.default_rng(seed)
+    rmin, rmax, dmax = clipping
+    channel_shape = gamma.shape
+    # Renorm statistics near and far from the batch's, so some channels clip.
+    renorm_mean = (x.mean() + np.std(x) * rng.standard_normal(channel_shape)).astype(np.float32)
+    renorm_stddev = (np.std(x) * rng.uniform(0.3, 3.0, channel_shape)).astype(np.float32)
+    epsilon = 1e-3
+    red = reference.reduction_axes(x.ndim, axes)
+    x_t, g_t, b_t = tf.constant(x), _keepdims(gamma, x.ndim, axes), _keepdims(beta, x.ndim, axes)
+    renorm = kernel.Renorm(
+        _keepdims(renorm_mean, x.ndim, axes), _keepdims(renorm_stddev, x.ndim, axes),
+        rmin, rmax, dmax,
+    )
+    with tf.GradientTape() as tape:
+        tape.watch([x_t, g_t, b_t])
+        y, *_ = kernel.fused_batch_norm(
+            x_t, g_t, b_t, reduction_axes=red, epsilon=epsilon, renorm=renorm
+        )
+        loss = tf.reduce_sum(y * dy)
+    dx, dgamma, dbeta = (t.numpy() for t in tape.gradient(loss, [x_t, g_t, b_t]))
+    ref_y, ref_dx, ref_dgamma, ref_dbeta, r, _ = reference.renorm(
+        x, gamma, beta, dy, axes, epsilon, renorm_mean, renorm_stddev, rmin, rmax, dmax
+    )
+    np.testing.assert_allclose(y.numpy(), ref_y, rtol=1e-4, atol=1e-4 * _scale_of(ref_y))
+    dx_scale = _dx_term_scale(x, gamma * np.reshape(r, channel_shape), dy, axes, epsilon)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-3, atol=1e-5 * dx_scale)
+    np.testing.assert_allclose(dgamma.reshape(channel_shape), ref_dgamma, rtol=1e-4,
+                               atol=1e-4 * _scale_of(ref_dgamma))
+    np.testing.assert_allclose(dbeta.reshape(channel_shape), ref_dbeta, rtol=1e-4,
+                               atol=1e-5 * _scale_of(ref_dbeta))
+
+
+@settings(max_examples=12)
+@given(inputs_and_axes(max_rank=4), st.sampled_from([1, 2, 3]), st.integers(2, 4))
+def test_ghost_batches_match_reference(case, virtual_batch_size, groups):
+    """Each group of k samples normalized on its own, forward and backward; the pooled batch
+    statistics as documented."""
+    x, axes, gamma, beta, dy = case
+    k = virtual_batch_size
+    if np.prod([x.shape[a] for a in range(1, x.ndim) if a not in axes]) * k < 2:
+        k = 2  # a group needs m >= 2 values per channel for a variance
+    repeats = -(-groups * k // len(x))
+    x, dy = (np.concatenate([t] * repeats)[: groups * k] for t in (x, dy))
+    x = x + np.arange(len(x)).reshape((-1,) + (1,) * (x.ndim - 1)).astype(np.float32)
+    red = reference.reduction_axes(x.ndim, axes)
+    x_t, g_t, b_t = tf.constant(x), _keepdims(gamma, x.ndim, axes), _keepdims(beta, x.ndim, axes)
+    with tf.GradientTape() as tape:
+        tape.watch([x_t, g_t, b_t])
+        y, mean, variance, count, dof = kernel.ghost_batch_norm(
+            x_t, g_t, b_t, virtual_batch_size=k, reduction_axes=red, epsilon=1e-3
+        )
+        loss = tf.reduce_sum(y * dy)
+    dx, dgamma, dbeta = (t.numpy() for t in tape.gradient(loss, [x_t, g_t, b_t]))
+    ref_y, ref_dx, ref_dgamma, ref_dbeta, ref_mean, ref_var, ref_m, ref_dof = (
+        reference.ghost_batches(x, gamma, beta, dy, axes, 1e-3, k)
+    )
+    np.testing.assert_allclose(y.numpy(), ref_y, rtol=1e-4, atol=1e-4 * _scale_of(ref_y))
+    dx_scale = max(
+        _dx_term_scale(x[i : i + k], gamma, dy[i : i + k], axes, 1e-3)
+        for i in range(0, len(x), k)
+    )
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-3, atol=1e-5 * dx_scale)
+    channel_shape = gamma.shape
+    np.testing.assert_allclose(dgamma.reshape(channel_shape), ref_dgamma, rtol=1e-4,
+                               atol=1e-4 * _scale_of(ref_dgamma))
+    np.testing.assert_allclose(dbeta.reshape(channel_shape), ref_dbeta, rtol=1e-4,
+                               atol=1e-5 * _scale_of(ref_dbeta))
+    np.testing.assert_allclose(mean.numpy().reshape(-1), ref_mean, rtol=1e-5,
+                               atol=1e-5 * _scale_of(x))
+    np.testing.assert_allclose(variance.numpy().reshape(-1), ref_var, rtol=1e-4,
+                               atol=1e-6 * _scale_of(x) ** 2)
+    np.testing.assert_array_equal(count.numpy().reshape(-1), ref_m)
+    np.testing.assert_array_equal(dof.numpy().reshape(-1), ref_dof)
+
+
+def test_fully_masked_batch_is_finite_as_in_keras():
+    """m = 0: mean 0, variance 0, y = x/√ε·γ + β, dx = γ/√ε·g, as Keras's masked moments give."""
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    dy = np.ones_like(x)
+    y, mean, variance, count, dx, dgamma, dbeta = _run_fused(
+        x, (1,), np.full(3, 2.0, np.float32), np.ones(3, np.float32), dy, 1e-2,
+        weights=tf.zeros((4, 1)),
+    )
+    np.testing.assert_array_equal(count, 0.0)
+    np.testing.assert_array_equal(mean, 0.0)
+    np.testing.assert_array_equal(variance, 0.0)
+    np.testing.assert_allclose(y, x / 0.1 * 2.0 + 1.0, rtol=1e-6)
+    np.testing.assert_allclose(dx, np.full_like(x, 20.0), rtol=1e-6)
+
+
+def test_masked_ghost_batches_are_masked_batches_side_by_side():
+    """With a mask, each group is the masked BN of its own rows (forward and backward), one
+    group entirely masked included; the pooled statistics count only unmasked values."""
+    rng = np.random.default_rng(6)
+    x = (3.0 + 2.0 * rng.standard_normal((6, 5, 2))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    mask = (rng.uniform(size=(6, 5, 1)) < 0.6).astype(np.float32)
+    mask[0, :2] = mask[4, :2] = 1.0
+    mask[2:4] = 0.0  # the second group of two rows: nothing counted
+    gamma = _keepdims(np.array([1.5, 0.5]), 3, (2,))
+    beta = _keepdims(np.array([0.2, -1.0]), 3, (2,))
+
+    def run(batch_norm, rows):
+        x_t = tf.constant(x[rows])
+        with tf.GradientTape() as tape:
+            tape.watch([x_t, gamma, beta])
+            y, *statistics = batch_norm(x_t, tf.constant(mask[rows]))
+            loss = tf.reduce_sum(y * dy[rows])
+        return y.numpy(), [g.numpy() for g in tape.gradient(loss, [x_t, gamma, beta])], statistics
+
+    y, grads, (mean, variance, count, dof) = run(
+        lambda x_t, w: kernel.ghost_batch_norm(x_t, gamma, beta, virtual_batch_size=2,
+                                               reduction_axes=(0, 1), epsilon=1e-3, weights=w),
+        slice(None),
+    )
+    groups = [run(lambda x_t, w: kernel.fused_batch_norm(x_t, gamma, beta, reduction_axes=(0, 1),
+                                                         epsilon=1e-3, weights=w),
+                  slice(i, i + 2)) for i in (0, 2, 4)]
+    np.testing.assert_allclose(y, np.concatenate([g[0] for g in groups]), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(grads[0], np.concatenate([g[1][0] for g in groups]), rtol=1e-5,
+                               atol=1e-5)
+    for i in (1, 2):  # γ and β are shared: their gradients add up over the groups
+        np.testing.assert_allclose(grads[i], sum(g[1][i] for g in groups), rtol=1e-5, atol=1e-5)
+    assert np.all(np.isfinite(y)) and all(np.all(np.isfinite(g)) for g in grads)
+    counts = np.array([mask[i:i + 2].sum() for i in (0, 2, 4)])
+    np.testing.assert_array_equal(count.numpy().reshape(-1), [counts.sum()] * 2)
+    np.testing.assert_array_equal(dof.numpy().reshape(-1), [(counts[counts > 0] - 1).sum()] * 2)
+    ref_mean, ref_var, _ = reference.moments(x, (2,), mask)
+    np.testing.assert_allclose(mean.numpy().reshape(-1), ref_mean.reshape(-1), rtol=1e-5)
+    within = sum(c * g[2][1].numpy().reshape(-1) for c, g in zip(counts, groups, strict=True))
+    np.testing.assert_allclose(variance.numpy().reshape(-1), within / counts.sum(), rtol=1e-5)
+    assert np.all(variance.numpy() < ref_var)  # within-group, not the whole batch's

@@ -2,6 +2,8 @@
 
 import kerasbn
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import reference
+from tests.helpers import keras_batch_normalization
 
 
 def _batches(rng, count, shape, location=2.0, scale=3.0, sizes=None):
@@ -219,6 +222,12 @@ def test_keras_config_constructs_our_layer():
     config = keras.layers.BatchNormalization(axis=1, momentum=0.9).get_config()
     layer = kerasbn.BatchNormalization.from_config(config)
     assert (layer.axis, layer.momentum) == (1, 0.9)
+    clipping = {"rmax": 3.0, "rmin": 0.3, "dmax": 5.0}
+    config = keras_batch_normalization(
+        renorm=True, renorm_clipping=clipping, renorm_momentum=0.9
+    ).get_config()
+    layer = kerasbn.BatchNormalization.from_config(config)
+    assert (layer.renorm, layer.renorm_clipping, layer.renorm_momentum) == (True, clipping, 0.9)
 
 
 # --- Keras conventions ---------------------------------------------------------------------
@@ -236,14 +245,19 @@ def test_trainable_false_means_inference_mode(rng):
     np.testing.assert_allclose(y.numpy(), layer(x, training=False).numpy())
 
 
+@pytest.mark.parametrize("bn_kwargs", [
+    {},
+    {"virtual_batch_size": 4, "renorm": True, "renorm_clipping": {"rmax": 3.0, "dmax": 5.0},
+     "renorm_momentum": 0.5, "renorm_warmup_steps": 5},
+], ids=["plain", "ghost_batches_renorm_warmup"])
 @pytest.mark.parametrize("jit_compile", [False, True])
-def test_model_trains_with_and_without_jit_compile(rng, jit_compile):
+def test_model_trains_with_and_without_jit_compile(rng, jit_compile, bn_kwargs):
     x = rng.standard_normal((64, 6, 6, 2)).astype(np.float32) * 3 + 5
     y = (x.mean(axis=(1, 2, 3)) > 5).astype(np.float32)
     model = keras.Sequential([
         keras.Input((6, 6, 2)),
         keras.layers.Conv2D(4, 3, use_bias=False),
-        kerasbn.BatchNormalization(),
+        kerasbn.BatchNormalization(**bn_kwargs),
         keras.layers.ReLU(),
         keras.layers.Flatten(),
         keras.layers.Dense(1, activation="sigmoid"),
@@ -254,6 +268,9 @@ def test_model_trains_with_and_without_jit_compile(rng, jit_compile):
     assert history.history["loss"][-1] < history.history["loss"][0]
     assert np.all(bn.moving_mean.numpy() != 0.0)
     assert int(bn.skipped_updates.numpy()) == 0
+    assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+    if bn.renorm_step is not None:
+        assert int(bn.renorm_step.numpy()) == 12  # 4 steps per epoch
 
 
 @pytest.mark.parametrize("policy,dtype", [("mixed_float16", "float16"),
@@ -336,11 +353,43 @@ def test_runtime_single_value_batch_writes_no_nan():
     ({"momentum": 1.5}, r"Received: momentum=1.5"),
     ({"momentum": -0.1}, r"Received: momentum=-0.1"),
     ({"axis": ()}, r"Received: axis=\(\)"),
-    ({"renorm": True}, r"Received: renorm=True"),
+    ({"renorm_momentum": 2}, r"Received: renorm_momentum=2"),
+    ({"virtual_batch_size": 0}, r"Received: virtual_batch_size=0"),
+    ({"virtual_batch_size": 2.5}, r"Received: virtual_batch_size=2.5"),
+    ({"renorm_warmup_steps": -1, "renorm": True}, r"Received: renorm_warmup_steps=-1"),
+    ({"renorm_warmup_steps": 10}, r"needs renorm=True.*Received: renorm_warmup_steps=10"),
+    ({"renorm_warmup_steps": 10, "renorm": True, "renorm_clipping": {"rmax": 3.0}},
+     r"finite 'rmax' and 'dmax'.*Received: renorm_clipping=\{'rmax': 3.0\}"),
+    ({"renorm_warmup_steps": 10, "renorm": True,
+      "renorm_clipping": {"rmax": 0.5, "rmin": 0.1, "dmax": 1.0}},
+     r"rmin <= 1 <= rmax.*'rmax': 0.5"),
+    # Keras's messages, with the values filled in.
+    ({"renorm": True, "renorm_clipping": {"random_key": 1.0}},
+     r"Received invalid keys for `renorm_clipping` argument: \{'random_key': 1.0\}"),
+    ({"renorm": True, "renorm_clipping": {"rmax": 0.0, "rmin": 1.0}},
+     r"rmax should be greater than rmin.*Received: rmax=0.0, rmin=1.0"),
+    ({"renorm": True, "renorm_clipping": {"rmax": 1.0, "dmax": -1.0}},
+     r"dmax should be non-negative.*Received: dmax=-1.0"),
+    ({"renorm": True, "renorm_clipping": {"rmax": "3"}}, r"Received: renorm_clipping="),
 ])
 def test_bad_constructor_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         kerasbn.BatchNormalization(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["center", "scale", "renorm", "synchronized",
+                                  "unbiased_variance"])
+@pytest.mark.parametrize("value", ["no", "false", 1, None])
+def test_bool_arguments_must_be_bools(name, value):
+    with pytest.raises(TypeError, match=rf"`{name}` must be a bool. Received: {name}={value!r}"):
+        kerasbn.BatchNormalization(**{name: value})
+
+
+def test_renorm_clipping_is_checked_only_with_renorm_as_in_keras():
+    """Keras ignores (and keeps) renorm_clipping without renorm; so do we."""
+    layer = kerasbn.BatchNormalization(renorm_clipping={"rmax": 0.0, "rmin": 1.0})
+    assert layer.get_config()["renorm_clipping"] == {"rmax": 0.0, "rmin": 1.0}
+    assert kerasbn.BatchNormalization(renorm=True).get_config()["renorm_clipping"] == {}
 
 
 def test_axis_of_wrong_type():
@@ -365,6 +414,16 @@ def test_bad_axis_for_input_is_refused_at_build(axis, shape, message):
 # --- serialization --------------------------------------------------------------------------
 
 
+def test_numpy_arguments_give_a_serializable_config():
+    layer = kerasbn.BatchNormalization(
+        renorm=np.bool_(True), renorm_clipping={"rmax": np.float32(2.0), "dmax": np.int64(1)},
+        renorm_warmup_steps=np.int64(5), virtual_batch_size=np.int32(4),
+    )
+    config = layer.get_config()
+    assert json.loads(json.dumps(config)) == config
+    assert config["renorm_clipping"] == {"rmax": 2.0, "dmax": 1.0}
+
+
 def test_config_round_trip():
     layer = kerasbn.BatchNormalization(
         axis=(1, 2), momentum=0.9, epsilon=1e-5, center=False, statistics="population",
@@ -376,11 +435,16 @@ def test_config_round_trip():
     assert clone.axis == (1, 2)
 
 
-def test_keras_file_round_trip_keeps_population_state(tmp_path, rng):
+@pytest.mark.parametrize("bn_kwargs", [
+    {"statistics": "population"},
+    {"statistics": "population", "renorm": True, "virtual_batch_size": 5},
+    {"renorm": True, "renorm_clipping": {"rmax": 2.0, "dmax": 1.0}, "renorm_warmup_steps": 10},
+], ids=["population", "population_renorm_ghost", "renorm_warmup"])
+def test_keras_file_round_trip_keeps_the_state(tmp_path, rng, bn_kwargs):
     model = keras.Sequential([
         keras.Input((4, 4, 2)),
         keras.layers.Conv2D(3, 3, padding="same"),
-        kerasbn.BatchNormalization(statistics="population"),
+        kerasbn.BatchNormalization(**bn_kwargs),
     ])
     bn = model.layers[-1]
     _train_on(bn, [model.layers[0](b) for b in _batches(rng, 3, (5, 4, 4, 2))])
@@ -389,13 +453,32 @@ def test_keras_file_round_trip_keeps_population_state(tmp_path, rng):
     loaded = keras.saving.load_model(path)
     loaded_bn = loaded.layers[-1]
     assert isinstance(loaded_bn, kerasbn.BatchNormalization)
-    for name in ("moving_mean", "moving_variance", "population_count", "population_dof"):
-        np.testing.assert_array_equal(getattr(bn, name).numpy(), getattr(loaded_bn, name).numpy())
-    # The estimate continues where it stopped.
+    assert loaded_bn.get_config() == bn.get_config()
+    for ours, theirs in zip(bn.weights, loaded_bn.weights, strict=True):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy(), ours.name)
+    # Training continues where it stopped (population estimate, renorm statistics, warm-up).
     more = model.layers[0](_batches(rng, 1, (5, 4, 4, 2))[0])
-    bn(more, training=True)
-    loaded_bn(more, training=True)
-    np.testing.assert_allclose(bn.moving_variance.numpy(), loaded_bn.moving_variance.numpy())
+    np.testing.assert_array_equal(bn(more, training=True).numpy(),
+                                  loaded_bn(more, training=True).numpy())
+    for ours, theirs in zip(bn.weights, loaded_bn.weights, strict=True):
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-6, err_msg=ours.name)
+
+
+def test_population_mode_with_renorm_keeps_moving_stddev_consistent(rng):
+    """Population mode + renorm: Algorithm 2 for the inference statistics, moving_stddev =
+    √(variance + ε) with them, and the renorm statistics as moving averages."""
+    layer = kerasbn.BatchNormalization(statistics="population", renorm=True,
+                                       renorm_momentum=0.5)
+    batches = _batches(rng, 3, (8, 3))
+    _train_on(layer, batches)
+    stats = [reference.moments(x, (1,)) for x in batches]
+    variance = 8 / 7 * np.mean([s[1].reshape(-1) for s in stats], axis=0)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), variance, rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_stddev.numpy(), np.sqrt(variance + 1e-3), rtol=1e-5)
+    renorm_mean = np.zeros(3)
+    for mean, _, _ in stats:
+        renorm_mean = 0.5 * renorm_mean + 0.5 * mean.reshape(-1)
+    np.testing.assert_allclose(layer.renorm_mean.numpy(), renorm_mean, rtol=1e-5, atol=1e-6)
 
 
 def test_saved_model_export(tmp_path, rng):
@@ -407,3 +490,221 @@ def test_saved_model_export(tmp_path, rng):
     restored = tf.saved_model.load(path)
     x = rng.standard_normal((4, 5)).astype(np.float32)
     np.testing.assert_allclose(restored.serve(x).numpy(), model(x).numpy(), rtol=1e-6)
+
+
+# --- Batch Renormalization ---------------------------------------------------------------------
+
+
+def _training_steps(layer, batches, upstream):
+    """Outputs, gradients (x, trainable weights) and all weights after each training step."""
+    results = []
+    for x in batches:
+        x = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * upstream)
+        grads = tape.gradient(loss, [x, *layer.trainable_weights])
+        results.append([y.numpy(), *(g.numpy() for g in grads),
+                        *(w.numpy() for w in layer.weights[:7])])
+    return results
+
+
+def test_trained_keras_renorm_layer_loads_and_continues_identically(tmp_path, rng):
+    """A Keras renorm layer's config and weights (trained, so its renorm statistics are not
+    the initial ones) load into ours, which then trains as Keras's does to 1e-5: outputs,
+    gradients and all seven Keras weights, step by step."""
+    shape = (8, 3, 3, 4)
+    theirs = keras_batch_normalization(
+        renorm=True, renorm_clipping={"rmax": 1.5, "rmin": 0.5, "dmax": 0.5},
+        renorm_momentum=0.7, momentum=0.8,
+    )
+    for x in _batches(rng, 4, shape):
+        theirs(x, training=True)
+    ours = kerasbn.BatchNormalization.from_config(
+        {**theirs.get_config(), "unbiased_variance": False}
+    )
+    ours.build(shape)
+    ours.set_weights(theirs.get_weights())
+    assert [w.name for w in ours.weights[:7]] == [w.name for w in theirs.weights] == [
+        "gamma", "beta", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean",
+        "renorm_stddev",
+    ]
+    batches = _batches(rng, 3, shape, location=4.0, scale=1.5)
+    upstream = rng.standard_normal(shape).astype(np.float32)
+    for step, (a, b) in enumerate(zip(_training_steps(ours, batches, upstream),
+                                      _training_steps(theirs, batches, upstream), strict=True)):
+        for index, (ours_value, keras_value) in enumerate(zip(a, b, strict=True)):
+            np.testing.assert_allclose(
+                ours_value, keras_value, rtol=1e-5,
+                atol=1e-5 * max(1.0, np.abs(keras_value).max()), err_msg=f"{step}, {index}",
+            )
+    np.testing.assert_allclose(ours(batches[0]).numpy(), theirs(batches[0]).numpy(), rtol=1e-5,
+                               atol=1e-5)
+
+    # The weights-file route: a Keras model's file loads into the kerasbn model.
+    def model_with(bn):
+        return keras.Sequential([keras.Input(shape[1:]), bn])
+
+    keras_model = model_with(keras.layers.BatchNormalization.from_config(theirs.get_config()))
+    keras_model.set_weights(theirs.get_weights())
+    path = str(tmp_path / "renorm.weights.h5")
+    keras_model.save_weights(path)
+    ours_model = model_with(kerasbn.BatchNormalization.from_config(theirs.get_config()))
+    ours_model.load_weights(path)
+    for a, b in zip(ours_model.layers[0].weights[:7], theirs.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_renorm_inference_is_plain_batch_normalization(rng):
+    plain = kerasbn.BatchNormalization()
+    renorm = kerasbn.BatchNormalization(renorm=True)
+    x = _batches(rng, 1, (8, 3))[0]
+    for layer in (plain, renorm):
+        layer.build(x.shape)
+        for name in ("gamma", "beta", "moving_mean", "moving_variance"):
+            getattr(layer, name).assign(rng.uniform(0.5, 2.0, 3) if layer is plain else
+                                        getattr(plain, name).numpy())
+    np.testing.assert_array_equal(renorm(x).numpy(), plain(x).numpy())
+
+
+def test_renorm_statistics_match_reference(rng):
+    """unbiased_variance (default): the stddevs average √(m/(m−1)·σ²_B + ε), and the variance
+    is derived from the stddev, as Keras derives it."""
+    layer = kerasbn.BatchNormalization(renorm=True, momentum=0.6, renorm_momentum=0.3)
+    batches = _batches(rng, 3, (6, 4))
+    _train_on(layer, batches)
+    mean, stddev, renorm_mean, renorm_stddev = np.zeros(4), np.ones(4), np.zeros(4), np.ones(4)
+    for x in batches:
+        batch_mean, batch_var, m = reference.moments(x, (1,))
+        batch_std = np.sqrt(reference.unbiased(batch_var, m).reshape(-1) + 1e-3)
+        mean = 0.6 * mean + 0.4 * batch_mean.reshape(-1)
+        stddev = 0.6 * stddev + 0.4 * batch_std
+        renorm_mean = 0.3 * renorm_mean + 0.7 * batch_mean.reshape(-1)
+        renorm_stddev = 0.3 * renorm_stddev + 0.7 * batch_std
+    for name, value in [("moving_mean", mean), ("moving_stddev", stddev),
+                        ("moving_variance", np.maximum(stddev**2 - 1e-3, 0)),
+                        ("renorm_mean", renorm_mean), ("renorm_stddev", renorm_stddev)]:
+        np.testing.assert_allclose(getattr(layer, name).numpy(), value, rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
+def test_renorm_warmup_relaxes_clipping_linearly_from_plain_bn(rng):
+    """rmax_t = 1 + t·(rmax − 1), rmin_t = 1 − t·(1 − rmin), dmax_t = t·dmax, t = min(step/n, 1):
+    step 0 is plain BN, step n and later use the full bounds. Checked against the float64
+    reference with renorm statistics far from the batch's, so every bound binds."""
+    clipping = {"rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0}
+    layer = kerasbn.BatchNormalization(
+        renorm=True, renorm_clipping=clipping, renorm_momentum=1.0, renorm_warmup_steps=4,
+    )
+    x = _batches(rng, 1, (16, 3))[0]
+    layer.build(x.shape)
+    batch_mean, batch_var, _ = reference.moments(x, (1,))
+    # σ_B/σ = 10 or 0.1 (r clips at rmax or rmin) and |μ_B − μ|/σ ≥ 10 (d clips at dmax).
+    renorm_stddev = np.sqrt(batch_var.reshape(-1) + 1e-3) * np.array([0.1, 10.0, 0.1])
+    layer.renorm_stddev.assign(renorm_stddev)
+    renorm_mean = batch_mean.reshape(-1) + np.array([10, -100, -10]) * renorm_stddev
+    layer.renorm_mean.assign(renorm_mean)
+    ones, zeros, dy = np.ones(3), np.zeros(3), np.zeros_like(x)
+    for step in range(6):
+        t = min(step / 4, 1.0)
+        bounds = (1 - t * (1 - clipping["rmin"]), 1 + t * 2.0, t * 5.0)
+        y = layer(x, training=True).numpy()
+        ref_y, _, _, _, r, d = reference.renorm(x, ones, zeros, dy, (1,), 1e-3, renorm_mean,
+                                                renorm_stddev, *bounds)
+        np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-4, err_msg=f"step {step}")
+        np.testing.assert_allclose(r.reshape(-1), [bounds[1], bounds[0], bounds[1]], rtol=1e-6)
+        np.testing.assert_allclose(np.abs(d.reshape(-1)), bounds[2], rtol=1e-6)
+        assert int(layer.renorm_step.numpy()) == step + 1
+    plain = reference.forward(x, ones, zeros, (1,), 1e-3)[0]
+    layer.reset_statistics()
+    layer.renorm_mean.assign(renorm_mean)
+    layer.renorm_stddev.assign(renorm_stddev)
+    np.testing.assert_allclose(layer(x, training=True).numpy(), plain, rtol=1e-5, atol=1e-5)
+
+
+def test_renorm_refused_across_synchronizing_replicas(monkeypatch):
+    """Under a multi-replica strategy, synchronized renorm or ghost batches are refused at the
+    first training call (the synchronized kernel implements neither)."""
+    from kerasbn import _sync
+
+    monkeypatch.setattr(_sync, "synchronizing_replica_context", lambda: object())
+    for kwargs in ({"renorm": True}, {"virtual_batch_size": 2}):
+        layer = kerasbn.BatchNormalization(synchronized=True, **kwargs)
+        layer.build((4, 3))
+        before = [w.numpy() for w in layer.weights]
+        with pytest.raises(ValueError, match=r"neither Batch Renormalization nor ghost batches"
+                           r"\. Received: synchronized=True"):
+            layer(np.ones((4, 3), np.float32), training=True)
+        for value, variable in zip(before, layer.weights, strict=True):
+            np.testing.assert_array_equal(value, variable.numpy())
+
+
+# --- ghost batches -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unbiased_variance", [True, False])
+def test_ghost_batches_statistics_and_inference(rng, unbiased_variance):
+    """One update per batch from the groups pooled: mean = batch mean, variance = the mean
+    within-group variance (biased) or Σ m_g σ²_g / Σ (m_g − 1) (unbiased). Inference is plain."""
+    shape = (12, 3, 3, 2)
+    layer = kerasbn.BatchNormalization(
+        virtual_batch_size=4, momentum=0.0, unbiased_variance=unbiased_variance
+    )
+    x = _batches(rng, 1, shape)[0]
+    x[4:8] += 5.0  # groups far apart: the within-group variance is well below the batch's
+    y = layer(x, training=True).numpy()
+    ones, zeros = np.ones(2), np.zeros(2)
+    ref_y, _, _, _, mean, variance, m, dof = reference.ghost_batches(
+        x, ones, zeros, np.zeros_like(x), (3,), 1e-3, 4
+    )
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-5)
+    expected = variance * m / dof if unbiased_variance else variance
+    np.testing.assert_allclose(layer.moving_variance.numpy(), expected, rtol=1e-5)
+    plain = kerasbn.BatchNormalization()
+    plain.build(shape)
+    plain.set_weights(layer.get_weights())
+    np.testing.assert_array_equal(layer(x).numpy(), plain(x).numpy())
+
+
+def test_ghost_batch_of_the_whole_batch_is_plain_bn(rng):
+    x = _batches(rng, 1, (8, 5))[0]
+    ghost, plain = kerasbn.BatchNormalization(virtual_batch_size=8), kerasbn.BatchNormalization()
+    np.testing.assert_allclose(ghost(x, training=True).numpy(), plain(x, training=True).numpy(),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ghost.moving_variance.numpy(), plain.moving_variance.numpy(),
+                               rtol=1e-6)
+
+
+def test_ghost_batch_size_must_divide_the_batch():
+    layer = kerasbn.BatchNormalization(virtual_batch_size=4)
+    with pytest.raises(ValueError, match=r"multiple of virtual_batch_size=4. Received: "
+                       r"inputs.shape=\(6, 3\)"):
+        layer(np.ones((6, 3), np.float32), training=True)
+    assert int(layer.skipped_updates.numpy()) == 0
+    # Known only at run time: the same message, before the kernel runs.
+    step = tf.function(lambda x: layer(x, training=True),
+                       input_signature=[tf.TensorSpec((None, 3), tf.float32)])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="multiple of virtual_batch_size=4"):
+        step(tf.ones((6, 3)))
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), np.zeros(3))
+    step(tf.ones((8, 3)))  # and a good batch goes through the same trace
+    # Inference takes any batch size.
+    layer(np.ones((6, 3), np.float32))
+
+
+@pytest.mark.parametrize("kwargs,shape,message", [
+    ({"virtual_batch_size": 1}, (4, 3), r"ghost batch needs more than one value.*"
+     r"Received: inputs.shape=\(1, 3\), virtual_batch_size=1"),
+])
+def test_ghost_batches_of_one_value_are_refused(kwargs, shape, message):
+    layer = kerasbn.BatchNormalization(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        layer(np.ones(shape, np.float32), training=True)
+
+
+def test_ghost_batches_cannot_split_a_normalized_batch_axis():
+    layer = kerasbn.BatchNormalization(axis=(0, 1), virtual_batch_size=2)
+    with pytest.raises(ValueError, match=r"Received: axis=\(0, 1\), virtual_batch_size=2"):
+        layer.build((4, 3))

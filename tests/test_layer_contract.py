@@ -1,6 +1,7 @@
-"""The Keras layer contract, in the spirit of Keras's own `run_layer_test`, for both modes.
+"""The Keras layer contract, in the spirit of Keras's own `run_layer_test`, for every mode.
 
-What every Keras layer promises, checked for kerasbn.BatchNormalization in each statistics mode:
+What every Keras layer promises, checked for kerasbn.BatchNormalization in each statistics mode,
+with Batch Renormalization and with ghost batches:
 symbolic and eager calls agree on shape and dtype; the weights have Keras's names, counts and
 trainability; config and saved-model round trips give the same layer and the same outputs; mixed
 precision computes in float16 with float32 variables; a compiled training step trains; a frozen
@@ -19,6 +20,16 @@ MODES = {
         {"statistics": "population"},
         ["moving_mean", "moving_variance", "skipped_updates", "population_count",
          "population_dof"],
+    ),
+    "renorm": (
+        {"renorm": True, "renorm_clipping": {"rmax": 3.0, "dmax": 5.0},
+         "renorm_warmup_steps": 10},
+        ["moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev",
+         "skipped_updates", "renorm_step"],
+    ),
+    "ghost_batches": (
+        {"virtual_batch_size": 2},
+        ["moving_mean", "moving_variance", "skipped_updates"],
     ),
 }
 SHAPE = (6, 4, 5)
@@ -99,6 +110,8 @@ def test_a_compiled_training_step_trains(mode, jit_compile):
     changed = {w.name for w in bn.weights if not np.array_equal(w.numpy(), before[w.name])}
     assert {"gamma", "beta", "moving_mean", "moving_variance"} <= changed
     assert "skipped_updates" not in changed
+    if "renorm_step" in before:
+        assert bn.renorm_step.numpy() == 1
 
 
 def test_a_frozen_layer_has_no_trainable_weights_and_runs_in_inference(mode):

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tests import reference
+from tests.helpers import keras_batch_normalization
 
 FEATURES, HIDDEN, OUTPUTS = 6, 8, 4
 BN_NAMES = ("bn1", "bn2")
@@ -83,7 +84,7 @@ def split(x, batch_size):
 
 def make_bn(kind, name, **kwargs):
     if kind == "keras":
-        return keras.layers.BatchNormalization(name=name, **kwargs)
+        return keras_batch_normalization(name=name, **kwargs)
     statistics = kind.removeprefix("kerasbn_")
     return kerasbn.BatchNormalization(statistics=statistics, name=name, **kwargs)
 
@@ -198,6 +199,45 @@ def test_without_gamma_and_beta(rng, kind):
     x = make_data(rng, 40)
     kerasbn.population_statistics(model, x, verbose=0)
     assert_statistics(model, dense_reference(model, split(x, 32)))
+
+
+@pytest.mark.parametrize("kind,bn_kwargs", [
+    ("keras", {"renorm": True}),
+    ("kerasbn_moving_average", {"renorm": True}),
+    ("kerasbn_population", {"renorm": True, "renorm_clipping": {"rmax": 2.0, "dmax": 1.0}}),
+    ("kerasbn_moving_average", {"virtual_batch_size": 4}),
+], ids=["keras_renorm", "kerasbn_renorm", "kerasbn_population_renorm", "kerasbn_ghost"])
+def test_renorm_and_ghost_batch_layers_get_plain_statistics(rng, kind, bn_kwargs):
+    """Their inference is plain BN: the pass sets plain population statistics, and a renorm
+    layer's moving_stddev to √(variance + ε), the value its next training step derives the
+    variance from."""
+    model = randomize(functional(kind, **bn_kwargs), rng)
+    x = make_data(rng, 64)
+    kerasbn.population_statistics(model, x, verbose=0)
+    expected = dense_reference(model, split(x, 32))
+    assert_statistics(model, expected)
+    for name, (_, variance, _) in expected.items():
+        layer = layers_by_name(model)[name]
+        if bn_kwargs.get("renorm"):
+            np.testing.assert_allclose(layer.moving_stddev.numpy(),
+                                       np.sqrt(variance + layer.epsilon), rtol=RTOL)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "uint8"])
+def test_dtypes_as_the_layer_computes_them(rng, dtype):
+    """A float64 model keeps float64 statistics; uint8 inputs are computed in float32."""
+    policy = "float64" if dtype == "float64" else None
+    inputs = keras.Input((4, 4, 2), dtype=dtype)
+    bn = kerasbn.BatchNormalization(dtype=policy)
+    model = keras.Model(inputs, bn(inputs))
+    x = rng.integers(0, 256, (20, 4, 4, 2)).astype(dtype)
+    kerasbn.population_statistics(model, x, batch_size=10, verbose=0)
+    assert bn.moving_mean.dtype == (dtype if dtype == "float64" else "float32")
+    moments = [reference.moments(b, (3,)) for b in split(x, 10)]
+    mean, variance, _ = pooled([squeeze(m) for m in moments])
+    rtol = 1e-12 if dtype == "float64" else 1e-5
+    np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=rtol)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), variance, rtol=rtol)
 
 
 def test_equal_batches_give_the_papers_formula(rng):
@@ -453,9 +493,53 @@ def test_bad_batch_mid_pass_changes_nothing(rng):
     model = make_net(rng)
     before = snapshot(model)
     batches = iter([make_data(rng, 8), rng.normal(size=(8, FEATURES + 1)).astype("float32")])
-    with pytest.raises(ValueError, match=r"batch 1.*\nReceived: inputs of shape \(8, 7\)"):
+    with pytest.raises(ValueError, match=r"batch 1 differs. Received: inputs of shape \(8, 7\) "
+                       r"in batch 1, \(8, 6\) in batch 0"):
         kerasbn.population_statistics(model, batches, verbose=0)
     assert_unchanged(model, before)
+
+
+def test_later_batch_of_another_spatial_size_is_refused(rng):
+    """A fully convolutional model runs on any spatial size; the traced step would average a
+    16x16 batch into statistics of 8x8 ones. Refused before it runs, nothing written."""
+    model = keras.Sequential([keras.Input((None, None, 2)), keras.layers.Conv2D(3, 3),
+                              kerasbn.BatchNormalization()])
+    before = snapshot(model)
+    batches = [rng.normal(size=(4, 8, 8, 2)), rng.normal(size=(4, 8, 8, 2)),
+               rng.normal(size=(4, 16, 16, 2))]
+    with pytest.raises(ValueError, match=r"batch 2 differs. Received: inputs of shape "
+                       r"\(4, 16, 16, 2\) in batch 2, \(4, 8, 8, 2\) in batch 0"):
+        kerasbn.population_statistics(model, iter(batches), verbose=0)
+    assert_unchanged(model, before)
+
+
+def test_first_batch_must_fit_the_declared_input(rng):
+    model = keras.Sequential([keras.Input((8, 8, 2)), keras.layers.Conv2D(3, 3),
+                              keras.layers.GlobalAveragePooling2D(), kerasbn.BatchNormalization()])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"takes inputs of shape \(None, 8, 8, 2\)\n"
+                       r"Received: inputs of shape \(4, 12, 12, 2\)"):
+        kerasbn.population_statistics(model, rng.normal(size=(4, 12, 12, 2)), verbose=0)
+    assert_unchanged(model, before)
+
+
+def test_batches_with_one_value_per_channel_are_reported_as_such(rng):
+    model = make_net(rng)
+    batches = [make_data(rng, 16), make_data(rng, 1), make_data(rng, 16)]
+    bad = make_data(rng, 16)
+    bad[0, 0] = np.nan
+    report = kerasbn.population_statistics(model, iter([*batches, bad]), verbose=0)
+    assert (report.batches_used, report.batches_skipped, report.batches_too_small) == (2, 2, 1)
+    assert "Skipped 2 batch(es): 1 with fewer than 2 values per channel (m < 2)" in str(report)
+    assert "1 with non-finite statistics" in str(report)
+    with pytest.raises(ValueError, match=r"1 with fewer than 2 values per channel.*"
+                       r"Received: 1 batch"):
+        kerasbn.population_statistics(model, iter([make_data(rng, 1)]), verbose=0)
+
+
+def test_data_none_is_refused(rng):
+    with pytest.raises(TypeError, match="Received: data=None"):
+        kerasbn.population_statistics(make_net(rng), None)
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -587,6 +671,38 @@ def test_callback_without_validation_runs_at_epoch_end(rng):
     model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[callback])
     # One pass per epoch; none repeated at the end, which follows epoch 2's pass directly.
     assert [r.batches_used for r in callback.reports] == [1, 1]
+
+
+class RecordAtEpochEnd(keras.callbacks.Callback):
+    """The statistics after each epoch (placed after PopulationStatistics: after its pass)."""
+
+    def __init__(self):
+        super().__init__()
+        self.means = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.means.append(current_means(self.model))
+
+
+@pytest.mark.parametrize("every_n_epochs", [None, 1])
+def test_callback_with_ema_weights_estimates_for_the_final_weights(rng, every_n_epochs):
+    """use_ema=True: fit swaps the weights' moving averages in after the last epoch, before
+    on_train_end; the statistics left are those a fresh pass gives for the final (EMA)
+    weights, even right after an every-epoch pass on the training weights."""
+    model = make_net(rng)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, use_ema=True, ema_momentum=0.5),
+                  loss="mse")
+    x, y = make_data(rng, 64), rng.normal(size=(64, OUTPUTS)).astype("float32")
+    callback = kerasbn.PopulationStatistics(x, every_n_epochs=every_n_epochs)
+    recorder = RecordAtEpochEnd()
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[callback, recorder])
+    left = current_means(model)
+    for a, b in zip(left, fresh_statistics(model, x), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert len(callback.reports) == (1 if every_n_epochs is None else 3)
+    if every_n_epochs:
+        # The premise: the epoch-2 pass (training weights) differs from the final statistics.
+        assert not np.allclose(recorder.means[-1][0], left[0], rtol=1e-3)
 
 
 @pytest.mark.parametrize(
