@@ -47,8 +47,11 @@ class ExportReport:
         path: the ONNX file.
         opset: the ONNX opset it uses.
         node_count: ONNX nodes in the file.
-        unfolded_node_count: ONNX nodes tf2onnx gives for the original, unfolded model (equal to
-            `node_count` when nothing was folded; None when `baseline=False` skipped it).
+        float_node_count: ONNX nodes of the float32 export (before int8 quantization, which
+            adds QuantizeLinear/DequantizeLinear pairs); `node_count` for a float32 file.
+        unfolded_node_count: ONNX nodes tf2onnx gives for the original, unfolded model in float32
+            (equal to `float_node_count` when nothing was folded; None when `baseline=False`
+            skipped it).
         fold: the `FoldReport`, or None when `fold=False`.
         verification: the `kerasbn.export.verification.Verification` (None when not verified);
             `verified_samples`, `max_abs_error` and `max_rel_error` read it.
@@ -63,6 +66,7 @@ class ExportReport:
     path: str
     opset: int
     node_count: int
+    float_node_count: int
     unfolded_node_count: int | None
     fold: FoldReport | None
     verification: Verification | None
@@ -101,10 +105,13 @@ class ExportReport:
 
     def __str__(self) -> str:
         unfolded = "not converted" if self.unfolded_node_count is None else self.unfolded_node_count
-        lines = [
-            f"{self.path}: {files.human_size(self.file_size)}, opset {self.opset}, "
-            f"{self.node_count} ONNX nodes (unfolded export: {unfolded})"
-        ]
+        nodes = f"{self.node_count} ONNX nodes (unfolded export: {unfolded})"
+        if self.quantization is not None:
+            nodes = (
+                f"{self.node_count} ONNX nodes int8 (float32 export: {self.float_node_count}, "
+                f"unfolded: {unfolded})"
+            )
+        lines = [f"{self.path}: {files.human_size(self.file_size)}, opset {self.opset}, {nodes}"]
         if self.fold is None:
             lines.append("BatchNormalization: not folded (fold=False)")
         else:
@@ -217,7 +224,7 @@ def to_onnx(
     with _timed(seconds, "convert"):
         proto = convert(exported, opset=opset, input_names=input_names, output_names=output_names)
         onnx.checker.check_model(proto, full_check=True)
-    unfolded_node_count = len(proto.graph.node)
+    float_node_count = unfolded_node_count = len(proto.graph.node)
     if fold_report is not None and fold_report.folded:
         unfolded_node_count = None
         if baseline:
@@ -241,6 +248,7 @@ def to_onnx(
             path=path,
             opset=opset,
             node_count=len(proto.graph.node),
+            float_node_count=float_node_count,
             unfolded_node_count=unfolded_node_count,
             fold=fold_report,
             verification=verification,

@@ -535,3 +535,18 @@ def test_cli_int8_bad_usage_exits_2(argv, message, int8_files, tmp_path, capsys)
     assert code == cli.EXIT_USAGE
     assert message in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_report_names_int8_and_float32_node_counts(tmp_path, rng):
+    inputs = keras.Input((6,))
+    x = keras.layers.BatchNormalization()(keras.layers.Dense(8, use_bias=False)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.ReLU()(x)))
+    calibration = rng.standard_normal((64, 6)).astype("float32")
+    report = to_onnx(model, tmp_path / "m.onnx", quantize="int8", calibration=calibration,
+                     min_agreement=0.0)
+    first = str(report).splitlines()[0]
+    assert report.node_count > report.float_node_count  # quantize/dequantize pairs
+    assert (
+        f"{report.node_count} ONNX nodes int8 (float32 export: {report.float_node_count}, "
+        f"unfolded: {report.unfolded_node_count})" in first
+    )
