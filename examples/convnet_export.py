@@ -7,7 +7,10 @@
     4. `kerasbn.export.to_onnx(model, path)`: fold every BN into the layer before it, convert
        with tf2onnx, verify with ONNX Runtime against the original model, write the file;
     5. compare Keras and ONNX Runtime on the whole test set: accuracy, largest difference,
-       latency.
+       latency;
+    6. `to_onnx(model, path, quantize="int8", calibration=x_train)`: the same, then quantized
+       to int8 by ONNX Runtime (calibrated on 256 training images), verified against the
+       float Keras model; its accuracy, size and latency join the table.
 
 Offline (scikit-learn's bundled digits); `make demo` runs it, in about a minute on 2 CPU cores.
 
@@ -29,13 +32,16 @@ import keras
 import numpy as np
 
 ONNX_NAME = "digits_convnet.onnx"
+INT8_NAME = "digits_convnet_int8.onnx"
 
 
 def build_convnet(input_shape, *, seed: int = 0) -> keras.Model:
-    """Conv → BN → ReLU three times, global average pooling, Dense → BN → ReLU, softmax.
+    """Conv → BN → ReLU three times, DepthwiseConv → BN → ReLU, global average pooling,
+    Dense → BN → ReLU, softmax.
 
     The layers before BN have no bias (BN's beta replaces it); every BN can be folded into
-    the layer before it for inference.
+    the layer before it for inference. tf2onnx merges the Conv2D ones itself, not the depthwise
+    and Dense ones, which is what makes folding matter for int8 (see `kerasbn.export.quantize`).
     """
     inputs = keras.Input(input_shape, name="image")
     h = inputs
@@ -45,6 +51,10 @@ def build_convnet(input_shape, *, seed: int = 0) -> keras.Model:
                                 name=f"conv{i}")(h)
         h = kerasbn.BatchNormalization(name=f"bn{i}")(h)
         h = keras.layers.ReLU(name=f"relu{i}")(h)
+    h = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="depthwise",
+                                     depthwise_initializer=keras.initializers.HeNormal(seed + 6))(h)
+    h = kerasbn.BatchNormalization(name="bn_depthwise")(h)
+    h = keras.layers.ReLU(name="relu_depthwise")(h)
     h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
     h = keras.layers.Dense(64, use_bias=False, name="dense",
                            kernel_initializer=keras.initializers.HeNormal(seed + 4))(h)
@@ -114,7 +124,7 @@ def main(argv=None) -> dict:
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    print(f"\n1. Training {model.name} ({model.count_params():,} parameters, 4 BN layers), "
+    print(f"\n1. Training {model.name} ({model.count_params():,} parameters, 5 BN layers), "
           f"{args.epochs} epochs of batch {args.batch_size}")
     start = time.perf_counter()
     model.fit(data.x_train, data.y_train, batch_size=args.batch_size, epochs=args.epochs,
@@ -149,33 +159,59 @@ def main(argv=None) -> dict:
     max_error = float(np.max(np.abs(onnx_probabilities - keras_probabilities)))
     disagreements = int(np.sum(onnx_probabilities.argmax(-1) != keras_probabilities.argmax(-1)))
 
+    print("\n6. The same, quantized to int8 (calibrated on training images), verified on the "
+          "test set against the float Keras model")
+    int8_path = args.out / INT8_NAME
+    int8 = kerasbn.export.to_onnx(model, int8_path, quantize="int8", calibration=data.x_train,
+                                  samples=x_test)
+    print(int8)
+    int8_session = onnx_session(int8_path)
+
+    def run_int8(x):
+        return int8_session.run(None, {input_name: x})[0]
+
+    int8_probabilities = run_int8(x_test)
+    accuracy_int8 = float(np.mean(int8_probabilities.argmax(-1) == y_test))
+    int8_disagreements = int(
+        np.sum(int8_probabilities.argmax(-1) != keras_probabilities.argmax(-1))
+    )
+
     batch = x_test[: args.latency_batch]
     repeats = 5 if args.quick else 50
     latency = {
         (name, len(x)): median_seconds(run, repeats)
         for x in (batch, x_test[:1])
         for name, run in (("keras", lambda x=x: model.predict_on_batch(x)),
-                          ("onnx", lambda x=x: run_onnx(x)))
+                          ("onnx", lambda x=x: run_onnx(x)),
+                          ("int8", lambda x=x: run_int8(x)))
     }
     folds = export.fold
     rows = [
         ("test accuracy, Keras (population statistics)", f"{accuracy_population:.4f}"),
         ("test accuracy, ONNX Runtime (folded)", f"{accuracy_onnx:.4f}"),
-        ("predictions that differ", f"{disagreements} of {len(y_test)}"),
+        ("test accuracy, ONNX Runtime int8 (folded, quantized)", f"{accuracy_int8:.4f}"),
+        ("predictions that differ from Keras: float32 / int8",
+         f"{disagreements} / {int8_disagreements} of {len(y_test)}"),
         ("max |ONNX − Keras| (probabilities, test set)", f"{max_error:.2e}"),
         ("BN layers folded", f"{len(export.folded)} of {len(folds.records) if folds else 0}"),
         ("ONNX nodes (unfolded export)",
          f"{export.node_count} ({export.unfolded_node_count or '-'})"),
-        ("ONNX file size", f"{export.file_size / 1000:.1f} kB"),
+        ("ONNX file size: float32 / int8",
+         f"{export.file_size / 1000:.1f} kB / {int8.file_size / 1000:.1f} kB"),
+        ("int8: Conv/Gemm/MatMul quantized, multiply-adds left",
+         f"{sum(int8.quantization.structure.quantized.values())} of "
+         f"{sum(int8.quantization.structure.totals.values())}, "
+         f"{int8.quantization.structure.multiply_adds}"),
     ]
     for size in (len(batch), 1):
-        keras_ms, onnx_ms = latency["keras", size] * 1e3, latency["onnx", size] * 1e3
-        rows.append((f"latency, batch of {size}: ONNX Runtime vs Keras predict_on_batch",
-                     f"{onnx_ms:.2f} ms vs {keras_ms:.2f} ms ({keras_ms / onnx_ms:.1f}×)"))
+        keras_ms, onnx_ms, int8_ms = (latency[name, size] * 1e3 for name in ("keras", "onnx",
+                                                                             "int8"))
+        rows.append((f"latency, batch of {size}: ONNX int8 / ONNX float32 / Keras predict",
+                     f"{int8_ms:.2f} / {onnx_ms:.2f} / {keras_ms:.2f} ms"))
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"  {label:<{width}}  {value}")
-    print(f"\nTraining took {train_seconds:.0f} s. Wrote {path}")
+    print(f"\nTraining took {train_seconds:.0f} s. Wrote {path} and {int8_path}")
     return {
         "accuracy_moving_average": accuracy_moving,
         "accuracy_population": accuracy_population,
@@ -186,6 +222,10 @@ def main(argv=None) -> dict:
         "export": export,
         "latency": latency,
         "onnx_path": path,
+        "accuracy_int8": accuracy_int8,
+        "int8_disagreements": int8_disagreements,
+        "int8": int8,
+        "int8_path": int8_path,
     }
 
 

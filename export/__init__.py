@@ -9,15 +9,18 @@ Public API:
     Verification      what verify found
     ExportError       the export failed (conversion, ONNX graph, ONNX Runtime); nothing written
     VerificationError ONNX Runtime disagrees with the original model; nothing written
+    CalibrationError  int8 calibration data that does not fit the model (a ValueError)
 """
 
 from kerasbn.export.errors import ExportError, VerificationError
 from kerasbn.export.folding import fold_batchnorm
 from kerasbn.export.onnx import ExportReport, to_onnx
+from kerasbn.export.quantize import CalibrationError
 from kerasbn.export.report import FoldRecord, FoldReport
 from kerasbn.export.verification import Verification, verify
 
 __all__ = [
+    "CalibrationError",
     "ExportError",
     "ExportReport",
     "FoldRecord",

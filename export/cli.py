@@ -2,7 +2,8 @@
 
     kerasbn export MODEL.keras -o OUT.onnx [--opset N] [--no-fold] [--random-samples N]
                    [--samples-file X.npy|X.npz] [--input-shape D,D,...] [--atol X] [--rtol X]
-                   [--unsafe]
+                   [--unsafe] [--int8 --calibration X.npy|X.npz [--calibration-samples N]
+                   [--calibration-method M] [--min-agreement X]]
     kerasbn fold MODEL.keras -o OUT.keras [--unsafe]
 
 Exit codes: 0 success; 1 the model was read but folding or exporting it failed (ONNX Runtime
@@ -24,12 +25,14 @@ from __future__ import annotations
 
 import kerasbn  # noqa: F401  (first: TensorFlow loads quietly)
 from kerasbn.export import files
+from kerasbn.export import quantize as _int8
 from kerasbn.export.convert import OPSETS
 from kerasbn.export.errors import VerificationError
 from kerasbn.export.folding import fold_batchnorm
 
 import argparse
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -56,6 +59,7 @@ exit status:
 example:
   kerasbn export model.keras -o model.onnx
   kerasbn export any_size.keras -o model.onnx --input-shape 224,224,3
+  kerasbn export model.keras -o model_int8.onnx --int8 --calibration images.npy
   kerasbn fold model.keras -o model_folded.keras
 """
 
@@ -200,6 +204,7 @@ def _parser():
         help="relative tolerance of the verification (default: 1e-4; 1e-2 for mixed_float16, "
         "8e-2 for mixed_bfloat16 models)",
     )
+    _add_int8_arguments(export)
     export.set_defaults(run=_run_export)
 
     fold = commands.add_parser(
@@ -224,6 +229,58 @@ def _add_model_arguments(parser, out_metavar, out_help):
         help="load with safe_mode=False: allows Lambda layers, which run arbitrary Python code "
         "from the file; only for files you trust",
     )
+
+
+def _add_int8_arguments(parser):
+    # int8 (kerasbn.export.quantize)
+    group = parser.add_argument_group(
+        "int8",
+        "quantize to int8 (ONNX Runtime static quantization, QDQ, per-channel weights) after\n"
+        "folding; verification then compares the int8 file with the Keras model on\n"
+        "--samples-file, or else on the calibration data, and requires top-1 agreement\n"
+        "(--random-samples, --atol and --rtol are not used)",
+    )
+    group.add_argument("--int8", action="store_true", help="write an int8 model")
+    group.add_argument(
+        "--calibration",
+        metavar="X.npy|X.npz",
+        help="example inputs that set the int8 ranges, batch first: a .npy array for a "
+        "one-input model, or a .npz with one array per input name",
+    )
+    group.add_argument(
+        "--calibration-samples",
+        type=_positive_int,
+        default=_int8.DEFAULT_CALIBRATION_SAMPLES,
+        metavar="N",
+        help="use at most N calibration examples (default: %(default)s)",
+    )
+    group.add_argument(
+        "--calibration-method",
+        choices=tuple(_int8.CALIBRATION_METHODS),
+        default="minmax",
+        help="how an activation's range is chosen (default: %(default)s)",
+    )
+    group.add_argument(
+        "--min-agreement",
+        type=_fraction,
+        default=_int8.DEFAULT_MIN_AGREEMENT,
+        metavar="X",
+        help="the top-1 agreement with Keras required, 0 to 1 (default: %(default)g)",
+    )
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text}")
+    return value
 
 
 def _non_negative_int(text):
@@ -261,17 +318,25 @@ def _run_export(arguments):
     output = _checked_output(arguments)
     model = _load(arguments.model, unsafe=arguments.unsafe)
     samples, random_samples = _verification_inputs(model, arguments)
+    calibration = _calibration(arguments)
     try:
-        report = to_onnx(
-            model,
-            output,
-            opset=arguments.opset,
-            fold=arguments.fold,
-            samples=samples,
-            random_samples=random_samples,
-            atol=arguments.atol,
-            rtol=arguments.rtol,
-        )
+        # ONNX Runtime's entropy and percentile calibrators print their progress with print().
+        with contextlib.redirect_stdout(io.StringIO()):
+            report = to_onnx(
+                model,
+                output,
+                opset=arguments.opset,
+                fold=arguments.fold,
+                samples=samples,
+                random_samples=random_samples,
+                atol=arguments.atol,
+                rtol=arguments.rtol,
+                quantize="int8" if arguments.int8 else None,
+                calibration=calibration,
+                calibration_method=arguments.calibration_method,
+                calibration_samples=arguments.calibration_samples,
+                min_agreement=arguments.min_agreement,
+            )
     except (TypeError, ValueError) as error:
         raise _UsageError(str(error)) from error
     except VerificationError as error:
@@ -320,13 +385,20 @@ def _verification_inputs(model, arguments):
     return (arrays[0] if len(arrays) == 1 else arrays), 0
 
 
-def _read_samples(path):
+def _calibration(arguments):
+    """The --calibration data (None without --int8), after checking the int8 flags."""
+    if arguments.int8 != (arguments.calibration is not None):
+        raise _UsageError("--int8 and --calibration X.npy|X.npz go together")
+    return _read_samples(arguments.calibration, "calibration") if arguments.int8 else None
+
+
+def _read_samples(path, kind="samples"):
     if not os.path.isfile(path):
-        raise _UsageError(f"no such samples file: {path}")
+        raise _UsageError(f"no such {kind} file: {path}")
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise _UsageError(f"cannot read the samples file {path}: {error}") from error
+        raise _UsageError(f"cannot read the {kind} file {path}: {error}") from error
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
             return {name: loaded[name] for name in loaded.files}

@@ -18,11 +18,17 @@ memory); `baseline=False` skips it.
 from __future__ import annotations
 
 from kerasbn.export import files, signature
+from kerasbn.export import quantize as _int8
 from kerasbn.export.convert import check_opset, convert
 from kerasbn.export.errors import VerificationError
 from kerasbn.export.folding import fold_batchnorm
 from kerasbn.export.report import FoldReport
-from kerasbn.export.verification import Verification, compare, resolve_tolerance
+from kerasbn.export.verification import (
+    Verification,
+    compare,
+    keras_reference,
+    resolve_tolerance,
+)
 
 import contextlib
 import os
@@ -41,26 +47,33 @@ class ExportReport:
         path: the ONNX file.
         opset: the ONNX opset it uses.
         node_count: ONNX nodes in the file.
-        unfolded_node_count: ONNX nodes tf2onnx gives for the original, unfolded model (equal to
-            `node_count` when nothing was folded; None when `baseline=False` skipped it).
+        float_node_count: ONNX nodes of the float32 export (before int8 quantization, which
+            adds QuantizeLinear/DequantizeLinear pairs); `node_count` for a float32 file.
+        unfolded_node_count: ONNX nodes tf2onnx gives for the original, unfolded model in float32
+            (equal to `float_node_count` when nothing was folded; None when `baseline=False`
+            skipped it).
         fold: the `FoldReport`, or None when `fold=False`.
         verification: the `kerasbn.export.verification.Verification` (None when not verified);
             `verified_samples`, `max_abs_error` and `max_rel_error` read it.
         atol, rtol: the tolerance of the check |onnx − keras| <= atol + rtol·scale, where
             scale is the example's largest |keras| output value (`kerasbn.export.verification`).
         file_size: bytes of the ONNX file.
-        seconds: wall time of each step ("fold", "convert", "baseline", "verify").
+        quantization: the `kerasbn.export.quantize.QuantizationReport` of an int8 export
+            (structure, sizes, agreement with Keras); None for float32.
+        seconds: wall time of each step ("fold", "convert", "baseline", "quantize", "verify").
     """
 
     path: str
     opset: int
     node_count: int
+    float_node_count: int
     unfolded_node_count: int | None
     fold: FoldReport | None
     verification: Verification | None
     atol: float
     rtol: float
     file_size: int
+    quantization: _int8.QuantizationReport | None = None
     seconds: Mapping[str, float] = field(default_factory=dict, compare=False)
 
     @property
@@ -78,6 +91,8 @@ class ExportReport:
 
     @property
     def verified_samples(self) -> int:
+        if self.quantization is not None:
+            return self.quantization.check.samples if self.quantization.check else 0
         return self.verification.samples if self.verification else 0
 
     @property
@@ -90,16 +105,24 @@ class ExportReport:
 
     def __str__(self) -> str:
         unfolded = "not converted" if self.unfolded_node_count is None else self.unfolded_node_count
-        lines = [
-            f"{self.path}: {files.human_size(self.file_size)}, opset {self.opset}, "
-            f"{self.node_count} ONNX nodes (unfolded export: {unfolded})"
-        ]
+        nodes = f"{self.node_count} ONNX nodes (unfolded export: {unfolded})"
+        if self.quantization is not None:
+            nodes = (
+                f"{self.node_count} ONNX nodes int8 (float32 export: {self.float_node_count}, "
+                f"unfolded: {unfolded})"
+            )
+        lines = [f"{self.path}: {files.human_size(self.file_size)}, opset {self.opset}, {nodes}"]
         if self.fold is None:
             lines.append("BatchNormalization: not folded (fold=False)")
         else:
             lines.append(self.fold.summary())
             lines += self.fold.reasons()
-        lines.append(str(self.verification) if self.verification else "not verified (verify=False)")
+        if self.quantization is not None:
+            lines += self.quantization.lines(self.file_size)
+        else:
+            lines.append(
+                str(self.verification) if self.verification else "not verified (verify=False)"
+            )
         return "\n".join(lines)
 
 
@@ -115,6 +138,11 @@ def to_onnx(
     rtol=None,
     random_samples=None,
     baseline=True,
+    quantize=None,
+    calibration=None,
+    calibration_method="minmax",
+    calibration_samples=_int8.DEFAULT_CALIBRATION_SAMPLES,
+    min_agreement=_int8.DEFAULT_MIN_AGREEMENT,
 ) -> ExportReport:
     """Fold `model`'s BatchNormalization layers, convert to ONNX, verify, write `path` atomically.
 
@@ -140,13 +168,28 @@ def to_onnx(
             unknown.
         baseline: also convert the unfolded model (in memory) to report its node count. This
             doubles the conversion time when a BN was folded.
+        quantize: None (float32) or "int8": after folding and conversion, quantize with ONNX
+            Runtime (static, QDQ format, int8 per-channel weights, uint8 activations); see
+            `kerasbn.export.quantize`. Verification then compares the int8 file with the
+            original float model on `samples`, or on `calibration` when `samples` is None
+            (`random_samples`, `atol` and `rtol` are not used), and requires a top-1 agreement
+            of `min_agreement` on classifier-shaped outputs.
+        calibration: with quantize="int8", required: example inputs that set each activation's
+            int8 range: an array, a list or dict of arrays (several inputs), a tf.data.Dataset
+            or an iterable of batches (x or (x, y)); at most `calibration_samples` are read.
+        calibration_method: how a range is chosen from the calibration data: "minmax" (default),
+            "entropy" or "percentile" (see `kerasbn.export.quantize`).
+        calibration_samples: the most calibration examples to use (default 256).
+        min_agreement: with quantize="int8", the share of examples (0 to 1) whose top-1 class
+            must agree with the Keras model's (default 0.99).
 
     Returns:
         An `ExportReport`.
 
     Raises:
         TypeError, ValueError: a bad argument or path, or a model without defined inputs;
-            before anything runs.
+            before anything runs (`kerasbn.export.quantize.CalibrationError`, a ValueError, for
+            int8 calibration data that does not fit the model).
         ExportError: the conversion or ONNX Runtime failed; nothing is written.
         onnx.checker.ValidationError: tf2onnx produced an invalid model; nothing is written.
         VerificationError: ONNX Runtime disagrees with Keras; nothing is written.
@@ -161,8 +204,15 @@ def to_onnx(
     specs = signature.input_specs(model)
     input_names = [spec.name for spec in specs]
     output_names = signature.output_names(model)
-    batches = signature.example_batches(specs, samples, random_samples) if verify else []
-    if verify and not batches:
+    # int8 (kerasbn.export.quantize): its arguments checked and its data read before converting.
+    int8 = _int8.plan(
+        quantize, calibration=calibration, calibration_method=calibration_method,
+        calibration_samples=calibration_samples, min_agreement=min_agreement, samples=samples,
+        verify=verify, specs=specs,
+    )
+    verify_float = verify and int8 is None  # an int8 file is checked by int8.quantize
+    batches = signature.example_batches(specs, samples, random_samples) if verify_float else []
+    if verify_float and not batches:
         raise ValueError(
             "Verification needs examples: pass `samples` or a positive `random_samples`. "
             f"Received: samples=None, random_samples={random_samples!r}"
@@ -174,13 +224,19 @@ def to_onnx(
     with _timed(seconds, "convert"):
         proto = convert(exported, opset=opset, input_names=input_names, output_names=output_names)
         onnx.checker.check_model(proto, full_check=True)
-    unfolded_node_count = len(proto.graph.node)
+    float_node_count = unfolded_node_count = len(proto.graph.node)
     if fold_report is not None and fold_report.folded:
         unfolded_node_count = None
         if baseline:
             with _timed(seconds, "baseline"):
                 unfolded = convert(model, opset=opset, output_names=output_names)
             unfolded_node_count = len(unfolded.graph.node)
+    quantization = None
+    if int8 is not None:
+        with _timed(seconds, "quantize"):
+            proto, quantization = int8.quantize(
+                proto, keras_reference(model, specs), output_names
+            )
 
     with files.atomic_path(path) as temporary:
         files.write_bytes(temporary, proto.SerializeToString())
@@ -192,17 +248,21 @@ def to_onnx(
             path=path,
             opset=opset,
             node_count=len(proto.graph.node),
+            float_node_count=float_node_count,
             unfolded_node_count=unfolded_node_count,
             fold=fold_report,
             verification=verification,
             atol=atol,
             rtol=rtol,
             file_size=os.path.getsize(temporary),
+            quantization=quantization,
             seconds=seconds,
         )
         if verification is not None and not verification.passed:
             # Raised inside the block: the temporary file is deleted, `path` left as it was.
             raise VerificationError(verification.message, report)
+        if quantization is not None and not quantization.passed:
+            raise VerificationError(quantization.failure(), report)
     return report
 
 

@@ -110,8 +110,9 @@ def example_batches(specs, samples, random_samples=None):
 
 
 def sample_arrays(specs, samples, argument="samples"):
-    """`samples` (an array, a list in input order, or a dict by input name) as a list of arrays
-    in input order, each checked against its input's shape; ValueError naming `argument`."""
+    """`samples` (an array, a list or tuple of arrays in input order, or a dict by input name)
+    as a list of arrays in input order, each checked against its input's shape; ValueError
+    naming `argument`. A nested list of numbers for a one-input model is that input's array."""
     names = [spec.name for spec in specs]
     if isinstance(samples, Mapping):
         missing = sorted(set(names) - set(samples))
@@ -121,8 +122,12 @@ def sample_arrays(specs, samples, argument="samples"):
                 f"Received: {argument} keys={sorted(samples)}"
             )
         arrays = [samples[n] for n in names]
-    elif len(specs) > 1:
-        arrays = list(samples) if isinstance(samples, (list, tuple)) else [samples]
+    elif isinstance(samples, (list, tuple)) and (
+        len(specs) > 1 or all(hasattr(a, "shape") for a in samples)
+    ):
+        # One array per input, in input order; for a one-input model too, when the list holds
+        # arrays (`[x]`, or the `(x,)` of a data pipeline), not numbers.
+        arrays = list(samples)
     else:
         arrays = [samples]
     if len(arrays) != len(specs):

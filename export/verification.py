@@ -159,7 +159,7 @@ def compare(model, onnx_path, batches, *, atol, rtol):
     specs = signature.input_specs(model)
     names = signature.output_names(model)
     session = _session(onnx_path, specs, names)
-    reference = _reference(model, specs)
+    reference = keras_reference(model, specs)
     errors = _Errors()
     for batch in batches:
         for start in range(0, len(batch), _BATCH_ROWS):
@@ -213,7 +213,9 @@ def _session(onnx_path, specs, output_names):
     return session
 
 
-def _reference(model, specs):
+def keras_reference(model, specs):
+    """`model` in inference mode as `model.predict` runs it: a function of arrays (in the order
+    of `specs`) returning the flat list of its outputs. The int8 check uses it too."""
     tensor_specs = [tf.TensorSpec((None, *s.shape[1:]), s.dtype) for s in specs]
 
     @tf.function(input_signature=tensor_specs, autograph=False, reduce_retracing=True)

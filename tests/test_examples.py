@@ -154,13 +154,21 @@ def test_convnet_export_quick(examples, tmp_path, capsys):
                        result["accuracy_onnx"]])
     assert result["onnx_path"] == tmp_path / "digits_convnet.onnx"
     assert result["onnx_path"].is_file()
-    assert len(result["export"].folded) == 4
+    assert len(result["export"].folded) == 5
     assert result["max_error"] < 1e-4
     assert abs(result["accuracy_onnx"] - result["accuracy_population"]) <= 1 / 450
-    assert result["population"].layers_updated == 4
+    assert result["population"].layers_updated == 5
     assert all(seconds > 0 for seconds in result["latency"].values())
+    # int8: every weighted op quantized, nothing of a BN left, agreeing with Keras (the export
+    # would have raised below 99%), and the int8 file is smaller.
+    int8 = result["int8"].quantization
+    assert result["int8_path"].is_file()
+    assert int8.structure.multiply_adds == 0 and int8.structure.quantized == int8.structure.totals
+    assert result["int8_disagreements"] <= 0.01 * 450
+    assert result["int8"].file_size < result["export"].file_size
     printed = capsys.readouterr().out
-    assert "BN layers folded" in printed and "4 of 4" in printed
+    assert "BN layers folded" in printed and "5 of 5" in printed
+    assert "ONNX Runtime int8" in printed
 
 
 # --- small_batch -------------------------------------------------------------------------------

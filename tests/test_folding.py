@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.helpers import Subclassed, all_layers, bn_layers, randomize_bn
+from tests.helpers import Subclassed, all_layers, bn_layers, keras_batch_normalization, randomize_bn
 
 L = keras.layers
 
@@ -150,7 +150,7 @@ def test_folds_into_each_producer_layout(case, rng):
 
 BN_VARIANTS = {
     "keras": lambda: L.BatchNormalization(),
-    "keras_renorm": lambda: L.BatchNormalization(renorm=True),
+    "keras_renorm": lambda: keras_batch_normalization(renorm=True),
     "keras_synchronized": lambda: L.BatchNormalization(synchronized=True),
     "keras_no_scale_no_center": lambda: L.BatchNormalization(scale=False, center=False),
     "kerasbn_population": lambda: kerasbn.BatchNormalization(statistics="population"),

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.helpers import keras_batch_normalization
+
 # Where kerasbn deliberately differs: a fully masked training batch gives both layers the same
 # (finite) outputs and gradients, but Keras then moves its moving averages towards 0 and 0, while
 # kerasbn skips the update and counts it (`skipped_updates`).
@@ -54,7 +56,7 @@ def assert_matches_keras(
 ):
     """The invariant: kerasbn and Keras agree on everything Keras defines, for this case."""
     ours = kerasbn.BatchNormalization(unbiased_variance=False, dtype=layer_dtype, **kwargs)
-    theirs = keras.layers.BatchNormalization(dtype=layer_dtype, **kwargs)
+    theirs = keras_batch_normalization(dtype=layer_dtype, **kwargs)
     for layer in (ours, theirs):
         layer.build(shape)
         layer.trainable = trainable

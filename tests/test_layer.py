@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import reference
+from tests.helpers import keras_batch_normalization
 
 
 def _batches(rng, count, shape, location=2.0, scale=3.0, sizes=None):
@@ -222,7 +223,7 @@ def test_keras_config_constructs_our_layer():
     layer = kerasbn.BatchNormalization.from_config(config)
     assert (layer.axis, layer.momentum) == (1, 0.9)
     clipping = {"rmax": 3.0, "rmin": 0.3, "dmax": 5.0}
-    config = keras.layers.BatchNormalization(
+    config = keras_batch_normalization(
         renorm=True, renorm_clipping=clipping, renorm_momentum=0.9
     ).get_config()
     layer = kerasbn.BatchNormalization.from_config(config)
@@ -514,7 +515,7 @@ def test_trained_keras_renorm_layer_loads_and_continues_identically(tmp_path, rn
     the initial ones) load into ours, which then trains as Keras's does to 1e-5: outputs,
     gradients and all seven Keras weights, step by step."""
     shape = (8, 3, 3, 4)
-    theirs = keras.layers.BatchNormalization(
+    theirs = keras_batch_normalization(
         renorm=True, renorm_clipping={"rmax": 1.5, "rmin": 0.5, "dmax": 0.5},
         renorm_momentum=0.7, momentum=0.8,
     )

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tests import reference
+from tests.helpers import keras_batch_normalization
 
 FEATURES, HIDDEN, OUTPUTS = 6, 8, 4
 BN_NAMES = ("bn1", "bn2")
@@ -83,7 +84,7 @@ def split(x, batch_size):
 
 def make_bn(kind, name, **kwargs):
     if kind == "keras":
-        return keras.layers.BatchNormalization(name=name, **kwargs)
+        return keras_batch_normalization(name=name, **kwargs)
     statistics = kind.removeprefix("kerasbn_")
     return kerasbn.BatchNormalization(statistics=statistics, name=name, **kwargs)
 

@@ -165,3 +165,15 @@ def test_bad_arguments_raise_before_running(arguments, error, message, tmp_path)
     with pytest.raises(error, match=message):
         verify(keras.Model(inputs, L.Dense(2)(inputs)), tmp_path / "missing.onnx", **arguments)
 
+
+
+def test_samples_of_one_input_model_as_array_list_or_numbers_agree():
+    from kerasbn.export import signature
+
+    specs = [signature.InputSpec("x", (None, 3), "float32")]
+    x = np.arange(6.0).reshape(2, 3)
+    for samples in (x, [x], (x,), x.tolist()):
+        (array,) = signature.sample_arrays(specs, samples)
+        np.testing.assert_array_equal(array, x)
+    with pytest.raises(ValueError, match=r"one array per model input \(\['x'\]\)"):
+        signature.sample_arrays(specs, [x, x])
