@@ -130,17 +130,21 @@ def _drop_attributes(node):
 
 
 def _set_conv_groups(proto):
-    """Give every ONNX Conv the group count its shapes imply.
+    """Give every 3-D ONNX Conv (a kernel of rank 5) the group count its shapes imply.
 
     tf2onnx 1.17 derives a convolution's groups only for the 4-D data formats (NHWC, NCHW): a
     grouped Conv3D comes out with group=1, which ONNX Runtime refuses (input channels ≠ kernel
     channels · group). With input channels C and a kernel of C/g input channels, g is the only
     group count that fits.
     """
+    kernel_ranks = {i.name: len(i.dims) for i in proto.graph.initializer}
+    convs_3d = [
+        n for n in proto.graph.node if n.op_type == "Conv" and kernel_ranks.get(n.input[1]) == 5
+    ]
+    if not convs_3d:
+        return  # shape inference copies the whole model: only for the case that needs it
     shapes = _static_shapes(proto)
-    for node in proto.graph.node:
-        if node.op_type != "Conv":
-            continue
+    for node in convs_3d:
         x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
         if not x or not w or len(x) < 2 or len(w) < 2 or not (x[1] > 0 and w[1] > 0):
             continue
