@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import kerasbn  # first: imports TensorFlow without its start-up noise
 from kerasbn.export import fold_batchnorm, to_onnx
-from kerasbn.export.onnx import convert
+from kerasbn.export.convert import convert
 
 import argparse
 import os

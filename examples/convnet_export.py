@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
         ("test accuracy, ONNX Runtime (folded)", f"{accuracy_onnx:.4f}"),
         ("predictions that differ", f"{disagreements} of {len(y_test)}"),
         ("max |ONNX − Keras| (probabilities, test set)", f"{max_error:.2e}"),
-        ("BN layers folded", f"{export.folded} of {len(folds.records) if folds else 0}"),
+        ("BN layers folded", f"{len(export.folded)} of {len(folds.records) if folds else 0}"),
         ("ONNX nodes (unfolded export)",
          f"{export.node_count} ({export.unfolded_node_count or '-'})"),
         ("ONNX file size", f"{export.file_size / 1000:.1f} kB"),

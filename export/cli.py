@@ -1,49 +1,75 @@
 """The `kerasbn` command: fold BatchNormalization into neighbouring layers, export to ONNX.
 
-    kerasbn export MODEL.keras -o OUT.onnx [--opset N] [--no-fold] [--samples N]
-                                           [--atol X] [--rtol X] [--unsafe]
+    kerasbn export MODEL.keras -o OUT.onnx [--opset N] [--no-fold] [--random-samples N]
+                   [--samples-file X.npy|X.npz] [--input-shape D,D,...] [--atol X] [--rtol X]
+                   [--unsafe]
     kerasbn fold MODEL.keras -o OUT.keras [--unsafe]
 
 Exit codes: 0 success; 1 the model was read but folding or exporting it failed (ONNX Runtime
 disagreed with Keras beyond the tolerance, the conversion failed, the model is of a kind that
 cannot be exported), and nothing was written; 2 bad usage, or a model file that cannot be read
-or is refused (a Lambda layer without --unsafe).
+or is refused (a Lambda layer without --unsafe), or an output that cannot or must not be written
+(its own input, a missing or read-only directory); 130 / 143 interrupted by SIGINT / SIGTERM,
+nothing written and a previous output left as it was.
+
+Models load with `compile=False`: export needs no optimizer, loss or metrics, and a file whose
+compile configuration no longer deserializes (a legacy `.h5` with `loss="mse"`) still exports.
 
 This module lives in `kerasbn.export`, so importing it imports `kerasbn` first, which loads
-TensorFlow without its start-up noise; the command only quiets what is left (Python warnings).
+TensorFlow without its start-up noise; the command only quiets what is left (Python warnings,
+TensorFlow's and tf2onnx's Python loggers).
 """
 
 from __future__ import annotations
 
 import kerasbn  # noqa: F401  (first: TensorFlow loads quietly)
-from kerasbn.export.graph import fold_batchnorm
-from kerasbn.export.onnx import OPSETS, VerificationError, atomic_path, human_size, to_onnx
+from kerasbn.export import files
+from kerasbn.export.convert import OPSETS
+from kerasbn.export.errors import VerificationError
+from kerasbn.export.folding import fold_batchnorm
 
 import argparse
+import contextlib
+import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 
 import keras
+import numpy as np
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _EPILOG = """\
 exit status:
-  0  success
-  1  folding or exporting failed (ONNX Runtime disagrees with Keras beyond the
-     tolerance, the conversion failed, an unsupported model); nothing is written and
-     an existing OUT is kept
-  2  bad usage; the model file cannot be read, or is refused in safe mode
+  0    success
+  1    folding or exporting failed (ONNX Runtime disagrees with Keras beyond the
+       tolerance, the conversion failed, an unsupported model); nothing is written
+       and an existing OUT is kept
+  2    bad usage; the model file cannot be read or is refused in safe mode; OUT
+       cannot be written (missing or read-only directory) or is MODEL itself
+  130  interrupted (SIGINT), 143 terminated (SIGTERM): nothing written, OUT kept
 
 example:
   kerasbn export model.keras -o model.onnx
+  kerasbn export any_size.keras -o model.onnx --input-shape 224,224,3
   kerasbn fold model.keras -o model_folded.keras
 """
 
 
 class _UsageError(Exception):
     """Bad input the user can fix: reported in one line, exit status 2."""
+
+
+class _Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: unwinds like KeyboardInterrupt, so temporaries are deleted."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def main(argv=None) -> int:
@@ -54,15 +80,54 @@ def main(argv=None) -> int:
     except SystemExit as exit_:
         # argparse exits after --help (0) and on bad usage (2); a caller of main() gets the code.
         return int(exit_.code or 0)
-    with warnings.catch_warnings():
-        # Keras and TensorFlow warn about things the user cannot act on here (a compiled model
-        # without its metrics, deprecated internals); the report says what matters.
+    with warnings.catch_warnings(), _quiet_loggers(), _signals_raise():
+        # Keras and TensorFlow warn about things the user cannot act on here (deprecated
+        # internals, a model loaded without its compile state); the report says what matters.
         warnings.simplefilter("ignore")
         try:
             return arguments.run(arguments)
         except _UsageError as error:
             print(f"kerasbn {arguments.command}: error: {error}", file=sys.stderr)
             return EXIT_USAGE
+        except (_Interrupted, KeyboardInterrupt) as interruption:
+            signum = getattr(interruption, "signum", signal.SIGINT)
+            print(
+                f"kerasbn {arguments.command}: {signal.Signals(signum).name}: stopped; nothing "
+                "written",
+                file=sys.stderr,
+            )
+            return 128 + signum
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """SIGINT and SIGTERM raise `_Interrupted` while the command runs (main thread only)."""
+    def interrupt(signum, _frame):
+        raise _Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, interrupt) for signum in _SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _quiet_loggers():
+    # tf2onnx and TensorFlow log deprecations and progress at WARNING/INFO through `logging`.
+    loggers = [logging.getLogger(name) for name in ("tensorflow", "tf2onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _parser():
@@ -79,9 +144,9 @@ def _parser():
         "export",
         help="fold BN and write an ONNX file verified against the original model",
         description="Fold BatchNormalization, convert with tf2onnx (dynamic batch size), check\n"
-        "with onnx.checker, and run ONNX Runtime on random inputs against the original\n"
-        "Keras model: unless |onnx - keras| <= atol + rtol*|keras| everywhere, exit 1\n"
-        "and write nothing.",
+        "with onnx.checker, and run ONNX Runtime on random inputs (and --samples-file)\n"
+        "against the original Keras model: unless |onnx - keras| <= atol + rtol*max|keras|\n"
+        "everywhere (max over each example's output), exit 1 and write nothing.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -101,25 +166,39 @@ def _parser():
         help="export the model as it is, without folding BN",
     )
     export.add_argument(
-        "--samples",
-        type=_positive_int,
+        "--random-samples",
+        type=_non_negative_int,
         default=8,
         metavar="N",
-        help="random inputs to verify on (default: %(default)s)",
+        help="random standard-normal inputs to verify on (default: %(default)s)",
+    )
+    export.add_argument(
+        "--samples-file",
+        metavar="X.npy|X.npz",
+        help="real inputs to verify on, batch first: a .npy array for a one-input model, or a "
+        ".npz with one array per input name",
+    )
+    export.add_argument(
+        "--input-shape",
+        action="append",
+        type=_shape,
+        metavar="D,D,...",
+        help="the shape of one example (no batch axis) for a model whose inputs have unknown "
+        "dimensions, e.g. 224,224,3; once per input, in input order",
     )
     export.add_argument(
         "--atol",
         type=_non_negative_float,
-        default=1e-5,
         metavar="X",
-        help="absolute tolerance of the verification (default: %(default)g)",
+        help="absolute tolerance of the verification (default: 1e-5; 1e-3 for mixed_float16, "
+        "1e-2 for mixed_bfloat16 models)",
     )
     export.add_argument(
         "--rtol",
         type=_non_negative_float,
-        default=1e-4,
         metavar="X",
-        help="relative tolerance of the verification (default: %(default)g)",
+        help="relative tolerance of the verification (default: 1e-4; 1e-2 for mixed_float16, "
+        "8e-2 for mixed_bfloat16 models)",
     )
     export.set_defaults(run=_run_export)
 
@@ -138,9 +217,7 @@ def _parser():
 
 def _add_model_arguments(parser, out_metavar, out_help):
     parser.add_argument("model", metavar="MODEL.keras", help="the Keras model to read")
-    parser.add_argument(
-        "-o", "--output", required=True, metavar=out_metavar, help=out_help
-    )
+    parser.add_argument("-o", "--output", required=True, metavar=out_metavar, help=out_help)
     parser.add_argument(
         "--unsafe",
         action="store_true",
@@ -149,10 +226,10 @@ def _add_model_arguments(parser, out_metavar, out_help):
     )
 
 
-def _positive_int(text):
+def _non_negative_int(text):
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
@@ -163,22 +240,40 @@ def _non_negative_float(text):
     return value
 
 
+def _shape(text):
+    try:
+        shape = tuple(int(size) for size in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be sizes >= 1 separated by commas, like 224,224,3; got {text}"
+        )
+    return shape
+
+
 # --- the commands --------------------------------------------------------------------------------
 
 
 def _run_export(arguments):
-    _check_output(arguments.output)
+    from kerasbn.export.onnx import to_onnx  # tf2onnx and ONNX Runtime: only for export
+
+    output = _checked_output(arguments)
     model = _load(arguments.model, unsafe=arguments.unsafe)
+    samples, random_samples = _verification_inputs(model, arguments)
     try:
         report = to_onnx(
             model,
-            arguments.output,
+            output,
             opset=arguments.opset,
             fold=arguments.fold,
+            samples=samples,
+            random_samples=random_samples,
             atol=arguments.atol,
             rtol=arguments.rtol,
-            random_samples=arguments.samples,
         )
+    except (TypeError, ValueError) as error:
+        raise _UsageError(str(error)) from error
     except VerificationError as error:
         if error.report.fold is not None:
             print(error.report.fold.summary())
@@ -186,26 +281,73 @@ def _run_export(arguments):
     except Exception as error:  # noqa: BLE001  (tf2onnx, onnx and Keras raise many kinds)
         return _failed("export", error)
     print(report)
-    print(f"wrote {arguments.output}")
+    print(f"wrote {output}")
     return EXIT_OK
+
+
+def _verification_inputs(model, arguments):
+    """(samples, random_samples) for to_onnx from --samples-file, --input-shape and
+    --random-samples: random inputs of a given shape are passed as samples."""
+    samples = None if arguments.samples_file is None else _read_samples(arguments.samples_file)
+    shapes = arguments.input_shape
+    if shapes is None:
+        return samples, arguments.random_samples
+    if samples is not None:
+        raise _UsageError("give either --samples-file or --input-shape, not both")
+    inputs = model.inputs
+    if len(shapes) != len(inputs):
+        raise _UsageError(
+            f"the model has {len(inputs)} inputs; give --input-shape once for each. Received: "
+            f"{len(shapes)} shapes"
+        )
+    if arguments.random_samples < 1:
+        raise _UsageError("--input-shape needs --random-samples of 1 or more")
+    rng = np.random.default_rng(0)
+    arrays = []
+    for shape, tensor in zip(shapes, inputs, strict=True):
+        declared = tuple(tensor.shape[1:])
+        fits = len(shape) == len(declared) and all(
+            d is None or d == s for d, s in zip(declared, shape, strict=True)
+        )
+        if not fits:
+            raise _UsageError(
+                f"--input-shape {','.join(map(str, shape))} does not fit the model input of "
+                f"shape {declared}"
+            )
+        array = rng.standard_normal((arguments.random_samples, *shape))
+        arrays.append(array.astype(keras.backend.standardize_dtype(tensor.dtype)))
+    return (arrays[0] if len(arrays) == 1 else arrays), 0
+
+
+def _read_samples(path):
+    if not os.path.isfile(path):
+        raise _UsageError(f"no such samples file: {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise _UsageError(f"cannot read the samples file {path}: {error}") from error
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            return {name: loaded[name] for name in loaded.files}
+    return loaded
 
 
 def _run_fold(arguments):
     if not arguments.output.endswith(".keras"):
         raise _UsageError(f"the output must be a .keras file. Received: -o {arguments.output}")
-    _check_output(arguments.output)
+    output = _checked_output(arguments)
     model = _load(arguments.model, unsafe=arguments.unsafe)
     try:
         folded, report = fold_batchnorm(model)
-        with atomic_path(arguments.output, suffix=".keras") as temporary:
+        with files.atomic_path(output, suffix=".keras") as temporary:
             folded.save(temporary)
             size = os.path.getsize(temporary)
     except Exception as error:  # noqa: BLE001  (as above)
         return _failed("fold", error)
     print(report.summary())
-    for record in report.refused + report.kept:
-        print(f"  {record.action} {record.bn}: {record.reason}")
-    print(f"wrote {arguments.output} ({human_size(size)})")
+    for line in report.reasons():
+        print(line)
+    print(f"wrote {output} ({files.human_size(size)})")
     return EXIT_OK
 
 
@@ -214,17 +356,20 @@ def _failed(command, error):
     return EXIT_FAILED
 
 
-def _check_output(path):
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or not os.path.isdir(directory):
-        raise _UsageError(f"cannot write the output file. Received: -o {path}")
+def _checked_output(arguments):
+    try:
+        return files.check_output_path(
+            arguments.output, argument="-o/--output", sources=[arguments.model]
+        )
+    except ValueError as error:
+        raise _UsageError(f"cannot write the output file: {error}") from error
 
 
 def _load(path, *, unsafe):
     if not os.path.isfile(path):
         raise _UsageError(f"no such model file: {path}")
     try:
-        return keras.saving.load_model(path, safe_mode=not unsafe)
+        return keras.saving.load_model(path, compile=False, safe_mode=not unsafe)
     except Exception as error:  # noqa: BLE001  (Keras raises many kinds for a bad file)
         if "safe_mode" in str(error) and not unsafe:
             raise _UsageError(

@@ -83,6 +83,10 @@ class FoldReport:
             f"({forward} forward), {len(self.refused)} refused, {len(self.kept)} kept"
         )
 
+    def reasons(self) -> list[str]:
+        """One indented line per refused or kept BN: what happened and why."""
+        return [f"  {r.action} {r.bn}: {r.reason}" for r in self.refused + self.kept]
+
     def __str__(self) -> str:
         rows = [("BN", "action", "into / after", "reason")]
         rows += [(r.bn, r.action, r.producer or "-", r.reason) for r in self.records]

@@ -9,8 +9,11 @@ from kerasbn.export import cli, fold_batchnorm
 from kerasbn.export import onnx as onnx_module
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import keras
@@ -18,7 +21,7 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.test_graph import bn_layers, randomize_bn
+from tests.helpers import bn_layers, randomize_bn
 
 L = keras.layers
 
@@ -35,7 +38,7 @@ def model_file(tmp_path_factory):
     x = L.GlobalAveragePooling2D()(x)
     x = L.Dense(3, use_bias=False)(x)
     x = L.BatchNormalization()(x)
-    x = L.Dense(2, activation="relu")(x)
+    x = L.Dense(2, activation="relu", name="dense_relu")(x)
     x = L.BatchNormalization(name="after_relu")(x)
     model = keras.Model(inputs, x)
     randomize_bn(model, np.random.default_rng(0))
@@ -68,8 +71,8 @@ def test_export_writes_a_verified_file_and_reports(model_file, tmp_path, capsys)
     assert code == cli.EXIT_OK, err
     assert err == ""
     onnx.checker.check_model(onnx.load(out_path))
-    assert "BatchNormalization: 3 folded, 1 refused, 0 kept" in out
-    assert "refused after_relu: 'dense_1' applies the activation 'relu'" in out  # and why
+    assert "4 BatchNormalization layers: 3 folded (0 forward), 1 refused, 0 kept" in out
+    assert "refused after_relu: 'dense_relu' applies the activation 'relu'" in out  # and why
     assert "max abs error" in out and "opset 17" in out and " kB" in out
     assert out.rstrip().endswith(f"wrote {out_path}")
 
@@ -77,7 +80,7 @@ def test_export_writes_a_verified_file_and_reports(model_file, tmp_path, capsys)
 def test_export_options_reach_to_onnx(model_file, tmp_path, capsys):
     code, out, _ = run(
         capsys, "export", model_file, "-o", tmp_path / "m.onnx", "--opset", "13", "--no-fold",
-        "--samples", "3", "--atol", "1e-4", "--rtol", "1e-3",
+        "--random-samples", "3", "--atol", "1e-4", "--rtol", "1e-3",
     )
     assert code == cli.EXIT_OK
     assert "opset 13" in out and "not folded" in out
@@ -152,7 +155,7 @@ def test_lambda_is_refused_in_safe_mode_and_allowed_with_unsafe(
         (["export", "MODEL", "-o", "OUT", "--opset", "x"], "invalid int value: 'x'"),
         (["export", "MODEL", "-o", "OUT", "--atol", "-1"], "must be a finite number >= 0, got -1"),
         (["export", "MODEL", "-o", "OUT", "--rtol", "nan"], "must be a finite number >= 0"),
-        (["export", "MODEL", "-o", "OUT", "--samples", "0"], "must be an integer >= 1, got 0"),
+        (["export", "MODEL", "-o", "OUT", "--random-samples", "-1"], "must be an integer >= 0"),
         (["fold", "MODEL", "-o", "OUT.keras", "--opset", "13"], "unrecognized arguments"),
     ],
 )
@@ -183,12 +186,13 @@ def test_unwritable_output_exits_2(model_file, tmp_path, capsys):
 def test_help_is_complete(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == cli.EXIT_OK
-    for word in ("export", "fold", "exit status", "0  success", "1  ", "2  bad usage"):
+    for word in ("export", "fold", "exit status", "0    success", "1    ", "2    bad usage", "143"):
         assert word in out
     code, out, _ = run(capsys, "export", "--help")
     assert code == cli.EXIT_OK
-    for flag in ("-o OUT.onnx", "--opset N", "--no-fold", "--samples N", "--atol X", "--rtol X",
-                 "--unsafe", "13 to 18", "atol + rtol*|keras|"):
+    for flag in ("-o OUT.onnx", "--opset N", "--no-fold", "--random-samples N", "--samples-file",
+                 "--input-shape D,D,...", "--atol X", "--rtol X",
+                 "--unsafe", "13 to 18", "atol + rtol*max|keras|"):
         assert flag in out
     code, out, _ = run(capsys, "fold", "--help")
     assert code == cli.EXIT_OK and "-o OUT.keras" in out and "--unsafe" in out
@@ -209,5 +213,185 @@ def test_installed_script_exports_quietly(model_file, tmp_path):
     assert result.returncode == 0, result.stderr
     # No TensorFlow start-up lines, absl logs or Python warnings: stderr stays empty.
     assert result.stderr == ""
-    assert "3 folded, 1 refused, 0 kept" in result.stdout
+    assert "3 folded (0 forward), 1 refused, 0 kept" in result.stdout
     assert (tmp_path / "m.onnx").exists()
+
+
+# --- nothing lost --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["export", "fold"])
+def test_output_that_is_its_own_input_is_refused(command, model_file, capsys, tmp_path):
+    before = Path(model_file).read_bytes()
+    link = tmp_path / "link.keras"
+    link.symlink_to(model_file)
+    for output in (model_file, link):
+        code, _, err = run(capsys, command, model_file, "-o", output)
+        assert code == cli.EXIT_USAGE
+        assert "would destroy its own input" in err
+    assert Path(model_file).read_bytes() == before
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    directory = tmp_path / "read_only"
+    directory.mkdir()
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+    elif subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode != 0:
+        pytest.skip("running as root on a file system without chattr +i")
+    yield directory
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+    directory.chmod(0o755)
+
+
+def test_read_only_output_directory_exits_2_before_loading(
+    model_file, read_only_dir, capsys, monkeypatch
+):
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, _, err = run(capsys, "export", model_file, "-o", read_only_dir / "m.onnx")
+    assert code == cli.EXIT_USAGE
+    assert "is not writable" in err and "read_only/m.onnx" in err
+
+
+def test_legacy_h5_compiled_with_a_loss_string_exports(tmp_path, capsys, rng):
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, L.BatchNormalization()(L.Dense(3)(inputs)))
+    randomize_bn(model, rng)
+    model.compile("adam", loss="mse", metrics=["mae"])
+    path = tmp_path / "legacy.h5"
+    model.save(path)
+    code, out, err = run(capsys, "export", path, "-o", tmp_path / "m.onnx")
+    assert code == cli.EXIT_OK, err
+    assert "1 folded" in out
+
+
+# --- inputs to verify on -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def any_size_file(tmp_path_factory):
+    """A fully convolutional model: its spatial dimensions are unknown."""
+    inputs = keras.Input((None, None, 3), name="image")
+    x = L.BatchNormalization()(L.Conv2D(4, 3, use_bias=False)(inputs))
+    model = keras.Model(inputs, L.GlobalAveragePooling2D()(x))
+    randomize_bn(model, np.random.default_rng(0))
+    path = tmp_path_factory.mktemp("models") / "any_size.keras"
+    model.save(path)
+    return str(path)
+
+
+def test_unknown_dimensions_need_a_shape_and_say_so(any_size_file, tmp_path, capsys):
+    code, _, err = run(capsys, "export", any_size_file, "-o", tmp_path / "m.onnx")
+    assert code == cli.EXIT_USAGE
+    assert "unknown dimension 1" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_input_shape_gives_random_inputs_their_shape(any_size_file, tmp_path, capsys):
+    code, out, err = run(capsys, "export", any_size_file, "-o", tmp_path / "m.onnx",
+                         "--input-shape", "10,12,3", "--random-samples", "3")
+    assert code == cli.EXIT_OK, err
+    assert "verified on 3 samples" in out
+    session_input = onnx.load(tmp_path / "m.onnx").graph.input[0]
+    dims = [d.dim_value or d.dim_param for d in session_input.type.tensor_type.shape.dim]
+    assert dims[1:] == [d for d in dims[1:] if not isinstance(d, int) or d == 3]  # still dynamic
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--input-shape", "10,12"], r"does not fit the model input of shape \(None, None, 3\)"),
+        (["--input-shape", "10,12,4"], "does not fit"),
+        (["--input-shape", "10,x,3"], "must be sizes >= 1 separated by commas"),
+        (["--input-shape", "8,8,3", "--input-shape", "8,8,3"], "has 1 inputs"),
+    ],
+)
+def test_bad_input_shapes_exit_2(argv, message, any_size_file, tmp_path, capsys):
+    code, _, err = run(capsys, "export", any_size_file, "-o", tmp_path / "m.onnx", *argv)
+    assert code == cli.EXIT_USAGE
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("kind", ["npy", "npz"])
+def test_samples_file_is_verified_on(kind, any_size_file, tmp_path, capsys):
+    images = np.random.default_rng(0).standard_normal((5, 9, 7, 3)).astype("float32")
+    path = tmp_path / f"x.{kind}"
+    np.save(path, images) if kind == "npy" else np.savez(path, image=images)
+    code, out, err = run(capsys, "export", any_size_file, "-o", tmp_path / "m.onnx",
+                         "--samples-file", path)
+    assert code == cli.EXIT_OK, err
+    assert "verified on 13 samples" in out  # 5 from the file, 8 random of the same shape
+
+
+def test_bad_samples_file_exits_2(any_size_file, tmp_path, capsys):
+    np.savez(tmp_path / "x.npz", wrong=np.zeros((2, 4, 4, 3)))
+    code, _, err = run(capsys, "export", any_size_file, "-o", tmp_path / "m.onnx",
+                       "--samples-file", tmp_path / "x.npz")
+    assert code == cli.EXIT_USAGE
+    assert "`samples` lacks the inputs ['image']" in err
+    code, _, err = run(capsys, "export", any_size_file, "-o", tmp_path / "m.onnx",
+                       "--samples-file", tmp_path / "none.npy")
+    assert code == cli.EXIT_USAGE and "no such samples file" in err
+
+
+# --- signals: a real process, a real signal ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_model_file(tmp_path_factory):
+    """A model whose verification on many random samples takes seconds."""
+    inputs = keras.Input((32, 32, 3))
+    x = inputs
+    for _ in range(4):
+        x = L.ReLU()(L.BatchNormalization()(L.Conv2D(32, 3, padding="same", use_bias=False)(x)))
+    model = keras.Model(inputs, L.GlobalAveragePooling2D()(x))
+    randomize_bn(model, np.random.default_rng(0))
+    path = tmp_path_factory.mktemp("models") / "slow.keras"
+    model.save(path)
+    return str(path)
+
+
+def _catches_sigterm(pid):
+    """Whether process `pid` has a handler for SIGTERM (Linux: the SigCgt mask in /proc), which
+    the command installs once it starts working; before that there is nothing to lose."""
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(line for line in status if line.startswith("SigCgt:")).split()[1]
+    return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def _wait_for(condition, process, seconds=120):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError("the export finished (or stalled) before the signal could be sent")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("when", ["converting", "verifying"])
+def test_a_signal_leaves_no_temporary_and_keeps_the_previous_output(
+    signum, when, slow_model_file, tmp_path
+):
+    output = tmp_path / "m.onnx"
+    output.write_bytes(b"previous export")
+    script = Path(sys.executable).with_name("kerasbn")
+    process = subprocess.Popen(
+        [str(script), "export", slow_model_file, "-o", str(output), "--random-samples", "3000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _wait_for(lambda: _catches_sigterm(process.pid), process)
+        if when == "verifying":  # the temporary file is written: verification is running
+            _wait_for(lambda: any(n.endswith(".tmp") for n in os.listdir(tmp_path)), process)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signum, err
+    assert f"{signal.Signals(signum).name}: stopped; nothing written" in err
+    assert os.listdir(tmp_path) == ["m.onnx"]
+    assert output.read_bytes() == b"previous export"

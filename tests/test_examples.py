@@ -154,7 +154,7 @@ def test_convnet_export_quick(examples, tmp_path, capsys):
                        result["accuracy_onnx"]])
     assert result["onnx_path"] == tmp_path / "digits_convnet.onnx"
     assert result["onnx_path"].is_file()
-    assert result["export"].folded == 4
+    assert len(result["export"].folded) == 4
     assert result["max_error"] < 1e-4
     assert abs(result["accuracy_onnx"] - result["accuracy_population"]) <= 1 / 450
     assert result["population"].layers_updated == 4

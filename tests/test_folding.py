@@ -6,15 +6,18 @@ say about each BN. Preconditions are one grid, `REFUSALS`, one row per reason.
 """
 
 import kerasbn
-from kerasbn.export import FoldRecord, FoldReport, fold_batchnorm
-from kerasbn.export import graph as graph_module
+from kerasbn.export import FoldRecord, FoldReport, fold_batchnorm, preconditions, rewrite
+
+import re
 
 import keras
 import numpy as np
 import pytest
 
+from tests.helpers import Subclassed, all_layers, bn_layers, randomize_bn
+
 L = keras.layers
-BN_TYPES = (kerasbn.BatchNormalization, L.BatchNormalization)
+
 
 
 # --- shared helpers ---------------------------------------------------------------------------
@@ -25,32 +28,6 @@ def _fresh_session():
     """Layer names restart in every test: reasons quote them. (Without the full gc.collect,
     which takes half a second per test here.)"""
     keras.backend.clear_session(free_memory=False)
-
-
-def all_layers(model):
-    """Every layer of `model` and its nested models, each once."""
-    found = {}
-    for layer in model.layers:
-        found[id(layer)] = layer
-        if isinstance(layer, keras.Model):
-            found.update((id(inner), inner) for inner in all_layers(layer))
-    return list(found.values())
-
-
-def bn_layers(model):
-    return [layer for layer in all_layers(model) if isinstance(layer, BN_TYPES)]
-
-
-def randomize_bn(model, rng):
-    """Non-trivial statistics and parameters: γ of both signs, means off zero, var ≠ 1."""
-    for bn in bn_layers(model):
-        shape = tuple(bn.moving_mean.shape)
-        if bn.gamma is not None:
-            bn.gamma.assign(rng.uniform(0.5, 1.5, shape) * rng.choice([-1.0, 1.0], shape))
-        if bn.beta is not None:
-            bn.beta.assign(rng.normal(0.0, 0.5, shape))
-        bn.moving_mean.assign(rng.normal(0.0, 0.5, shape))
-        bn.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
 
 
 def sample_inputs(model, rng, batch=2):
@@ -401,76 +378,112 @@ def _after_nested_model():
 
 
 REFUSALS = {
-    # 1–5: the BN itself
-    "bn_subclass": (lambda: _conv_bn(SubclassedBN()), "refused", "subclass of BatchNormalization"),
-    "bn_training_true": (_training_true, "refused", "training=True"),
-    "bn_shared": (_shared_bn, "refused", "called 2 times (shared)"),
-    "bn_several_axes": (_several_axes, "refused", "several axes (axis=(1, 2))"),
-    "bn_nan_mean": (_with_statistic("moving_mean", np.nan), "refused", "moving_mean contain NaN"),
-    "bn_inf_gamma": (_with_statistic("gamma", np.inf), "refused", "gamma contain NaN or infinity"),
-    "bn_variance_below_minus_epsilon": (
+    # Keyed "<precondition>/<case>" (kerasbn.export.preconditions); 1–5: the BN itself
+    "bn_is_exact_class/subclass": (
+        lambda: _conv_bn(SubclassedBN()),
+        "refused",
+        "subclass of BatchNormalization",
+    ),
+    "bn_not_training/training_true": (_training_true, "refused", "training=True"),
+    "bn_called_once/shared": (_shared_bn, "refused", "called 2 times (shared)"),
+    "bn_single_axis/several_axes": (_several_axes, "refused", "several axes (axis=(1, 2))"),
+    "bn_finite/nan_mean": (
+        _with_statistic("moving_mean", np.nan),
+        "refused",
+        "moving_mean contain NaN",
+    ),
+    "bn_finite/inf_gamma": (
+        _with_statistic("gamma", np.inf),
+        "refused",
+        "gamma contain NaN or infinity",
+    ),
+    "bn_finite/variance_below_minus_epsilon": (
         _with_statistic("moving_variance", -1.0),
         "refused",
         "moving_variance + epsilon is not positive",
     ),
-    # 6–11: the producer
-    "producer_activation": (
+    # 6–12: the producer
+    "linear_activation/producer": (
         lambda: _dense_bn(L.Dense(5, activation="relu")),
         "refused",
         "applies the activation 'relu'",
     ),
-    "producer_lora": (_lora_dense, "refused", "has LoRA enabled"),
-    "producer_quantized": (_quantized_dense, "refused", "is quantized (int8)"),
-    "producer_shared": (_shared_producer, "refused", "is called 2 times (a shared layer)"),
-    "producer_feeds_another_layer": (_producer_feeds_another_layer, "refused", "also feeds re_lu"),
-    "producer_output_is_model_output": (
+    "plain_kernel/producer_lora": (_lora_dense, "refused", "has LoRA enabled"),
+    "plain_kernel/producer_quantized": (_quantized_dense, "refused", "is quantized (int8)"),
+    "neighbour_called_once/producer": (
+        _shared_producer,
+        "refused",
+        "is called 2 times (a shared layer)",
+    ),
+    "producer_feeds_only_bn/another_layer": (
+        _producer_feeds_another_layer,
+        "refused",
+        "also feeds re_lu",
+    ),
+    "producer_feeds_only_bn/model_output": (
         _producer_output_is_model_output,
         "refused",
         "also feeds the model output",
     ),
-    "bn_axis_not_channels_last": (
+    "producer_channel_axis/channels_last": (
         lambda: _conv_bn(kerasbn.BatchNormalization(axis=1)),
         "refused",
         "normalizes axis 1, but 'conv2d' keeps its channels on axis 3",
     ),
-    "bn_axis_not_channels_first": (
+    "producer_channel_axis/channels_first": (
         lambda: _conv_bn(L.BatchNormalization(), L.Conv2D(4, 3, data_format="channels_first")),
         "refused",
         "normalizes axis 3, but 'conv2d' keeps its channels on axis 1",
     ),
-    "producer_fold_overflows": (_huge_gamma(_conv_bn), "refused", "overflow float32"),
-    # 12–17: no producer, and the consumer
-    "bn_reads_model_input": (
+    "folded_weights_finite/producer": (_huge_gamma(_conv_bn), "refused", "overflow float32"),
+    # no producer to fold into, and 13–19: the consumer
+    "no_producer/model_input": (
         lambda: functional(*_input_bn_relu()),
         "kept",
         "reads a model input",
     ),
-    "bn_after_nested_model": (_after_nested_model, "kept", "'block' before it is a nested model"),
-    "bn_output_is_model_output": (
+    "no_producer/nested_model": (
+        _after_nested_model,
+        "kept",
+        "'block' before it is a nested model",
+    ),
+    "bn_feeds_only_consumer/model_output": (
         lambda: _bn_after_add(tail=lambda: (lambda x: x)),
         "kept",
         "its output is a model output",
     ),
-    "bn_feeds_two_layers": (_bn_feeds_two_layers, "kept", "its output feeds 2 layers"),
-    "consumer_not_dense_or_conv": (_bn_after_add, "kept", "(ReLU) is not a Dense or a Conv"),
-    "consumer_padding_same": (
+    "bn_feeds_only_consumer/two_layers": (
+        _bn_feeds_two_layers,
+        "kept",
+        "its output feeds 2 layers",
+    ),
+    "consumer_is_foldable/not_dense_or_conv": (
+        _bn_after_add,
+        "kept",
+        "(ReLU) is not a Dense or a Conv",
+    ),
+    "consumer_is_foldable/padding_same": (
         lambda: _bn_after_add(tail=lambda: L.Conv2D(4, 3, padding="same")),
         "kept",
         "uses padding='same'",
     ),
-    "consumer_lora": (_lora_consumer, "kept", "has LoRA enabled"),
-    "consumer_shared": (_shared_consumer, "kept", "is called 2 times (a shared layer)"),
-    "consumer_axis": (
+    "plain_kernel/consumer_lora": (_lora_consumer, "kept", "has LoRA enabled"),
+    "neighbour_called_once/consumer": (
+        _shared_consumer,
+        "kept",
+        "is called 2 times (a shared layer)",
+    ),
+    "consumer_channel_axis/dense": (
         lambda: _bn_after_add(kerasbn.BatchNormalization(axis=1), lambda: L.Dense(3), (4, 6)),
         "kept",
         "normalizes axis 1, but 'dense' after it reads its channels on axis 2",
     ),
-    "consumer_fold_overflows": (
+    "folded_weights_finite/consumer": (
         _huge_gamma(lambda: _bn_after_add(tail=lambda: L.Dense(3), shape=(6,))),
         "kept",
         "overflow float32",
     ),
-    "refused_backward_and_no_forward": (
+    "linear_activation/and_no_forward": (
         lambda: _dense_bn(L.Dense(5, activation="relu")),
         "refused",
         "; and it cannot fold forward: its output is a model output",
@@ -497,6 +510,17 @@ def test_each_precondition_refuses_or_keeps_with_its_reason(case, rng):
     assert len(bn_layers(folded)) == len(bn_layers(model))
 
 
+def test_the_numbered_preconditions_the_code_and_the_refusal_cases_agree():
+    # The module docstring's numbered list names each check, in the order the code runs them.
+    listed = re.findall(r"^ {4}(\d+)\. `(\w+)`", preconditions.__doc__, flags=re.MULTILINE)
+    assert listed == [
+        (str(n), check.__name__) for n, check in enumerate(preconditions.PRECONDITIONS, 1)
+    ]
+    # Every check has a refusal case here (bias_on_channels has its own test below).
+    tested = {key.split("/")[0] for key in REFUSALS} | {"bias_on_channels"}
+    assert {check.__name__ for check in preconditions.PRECONDITIONS} <= tested
+
+
 def _unpack_model(built):
     """Builders return (model, bn); the model-input case returns a model whose BN is found."""
     if isinstance(built, keras.Model):
@@ -514,7 +538,7 @@ def test_probe_matches_what_a_channels_first_conv_does():
 
     bias_on_last_axis = np.array_equal(output[0], [0.0, 1.0, 2.0])
 
-    assert bias_on_last_axis == graph_module._keras_misplaces_channels_first_bias()
+    assert bias_on_last_axis == preconditions.keras_misplaces_channels_first_bias()
 
 
 def _channels_first_hazard(spatial, forward):
@@ -530,7 +554,7 @@ def _channels_first_hazard(spatial, forward):
 @pytest.mark.parametrize("forward", [False, True], ids=["producer", "consumer"])
 @pytest.mark.parametrize("spatial", [(6, 6), (None, None)], ids=["last_equals_channels", "unknown"])
 def test_channels_first_bias_that_would_land_on_the_last_axis_is_refused(spatial, forward, rng):
-    if not graph_module._keras_misplaces_channels_first_bias():
+    if not preconditions.keras_misplaces_channels_first_bias():
         pytest.skip("this Keras adds channels_first biases on the channel axis")
     model, bn = _channels_first_hazard(spatial, forward)
     randomize_bn(model, rng)
@@ -585,6 +609,46 @@ def _nested_model():
     x = fn_block(x)
     x = L.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, L.Dense(2)(x), name="outer")
+
+
+def test_raw_operations_in_the_graph_are_kept_and_reused(rng):
+    inputs = keras.Input((6, 6, 3))
+    x = L.BatchNormalization()(L.Conv2D(4, 3, use_bias=False)(inputs))
+    x = keras.ops.multiply(x, 2.0)  # a raw operation: not a layer, no weights
+    y = L.BatchNormalization()(L.Conv2D(4, 3, use_bias=False)(inputs))
+    model = keras.Model(inputs, keras.ops.add(x, y))
+    randomize_bn(model, rng)
+    folded, report = fold_batchnorm(model)
+    assert len(report.folded) == 2 and bn_layers(folded) == []
+    raw = [op for op in folded.operations if not isinstance(op, L.Layer)]
+    assert sorted(type(op).__name__ for op in raw) == ["Add", "Multiply"]
+    assert_agree(model, folded, sample_inputs(model, rng))
+
+
+def test_masking_model_folds_and_keeps_its_mask(rng):
+    inputs = keras.Input((5, 3))
+    x = L.Masking()(inputs)
+    x = L.BatchNormalization()(L.Dense(4, use_bias=False)(x))
+    model = keras.Model(inputs, L.LSTM(2)(x))
+    randomize_bn(model, rng)
+    folded, report = fold_batchnorm(model)
+    assert len(report.folded) == 1
+    x = rng.standard_normal((3, 5, 3)).astype("float32")
+    x[0, 2:] = 0.0  # masked steps: the LSTM skips them only if the mask survived
+    assert_agree(model, folded, x)
+
+
+def test_bn_called_inside_a_wrapper_is_reported_as_kept(rng):
+    inputs = keras.Input((4, 6))
+    x = L.TimeDistributed(L.BatchNormalization(name="inner_bn"), name="td")(inputs)
+    model = keras.Model(inputs, L.BatchNormalization()(L.Dense(3, use_bias=False)(x)))
+    randomize_bn(model, rng)
+    folded, report = fold_batchnorm(model)
+    assert [(r.bn, r.action) for r in report.records] == [
+        ("td/inner_bn", "kept"), ("batch_normalization", "folded")
+    ]
+    assert "called inside 'td' (TimeDistributed)" in report.kept[0].reason
+    assert_agree(model, folded, sample_inputs(model, rng))
 
 
 def test_nested_models_are_folded_inside_and_keep_their_kind(rng):
@@ -667,15 +731,6 @@ def test_original_model_is_never_mutated(rng):
 # --- bad input and broken invariants -------------------------------------------------------------
 
 
-class Subclassed(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.dense = L.Dense(2)
-
-    def call(self, x):
-        return self.dense(x)
-
-
 def test_refuses_what_is_not_a_keras_model():
     with pytest.raises(TypeError, match="Received: model='model.keras'"):
         fold_batchnorm("model.keras")
@@ -698,13 +753,13 @@ def test_refuses_an_unbuilt_sequential():
 
 def test_a_rewrite_that_shares_variables_raises(monkeypatch):
     # A rebuild that reuses the original layers (a bug) must not pass silently.
-    new_layer = graph_module._Rebuilder._new_layer
+    new_layer = rewrite._Rebuilder._new_layer
 
     def reuse(self, layer):
         keep = isinstance(layer, L.Dense)
         return layer if keep else new_layer(self, layer)
 
-    monkeypatch.setattr(graph_module._Rebuilder, "_new_layer", reuse)
+    monkeypatch.setattr(rewrite._Rebuilder, "_new_layer", reuse)
     model = keras.Sequential([keras.Input((3,)), L.Dense(2), kerasbn.BatchNormalization()])
     with pytest.raises(RuntimeError, match="shares 2 variables"):
         fold_batchnorm(model)

@@ -1,0 +1,181 @@
+"""Convert a Keras model to an ONNX `ModelProto`: trace, freeze, convert with tf2onnx.
+
+    model ──tf.function(input signature, batch None)──► concrete function
+          ──freeze: variables and captured tensors become constants──► GraphDef
+          ──XLA compile markers removed, so every function call can be inlined──►
+          ──tf2onnx.convert.from_graph_def (grappler inlines, then converts)──► ModelProto
+
+Why not `tf2onnx.convert.from_keras`: it reads Keras 2 internals and fails on Keras 3
+Sequential models. Why not `from_function` (what Keras's own `model.export(format="onnx")`
+uses): it names every non-variable capture of the function a graph input before freezing, so a
+layer holding constant tensors (Keras's `Normalization`, in every EfficientNet) gives an ONNX
+graph with inputs nobody can feed.
+
+Why the XLA markers go: on CPU, Keras's TensorFlow backend runs the convolutions TensorFlow
+cannot run natively (grouped, channels_first 3-D, and in newer Keras channels_first 1-D/2-D)
+through a `tf.function(jit_compile=True)`. That is how TensorFlow executes them, not what they
+compute; but a function marked for XLA is never inlined, and tf2onnx cannot convert the call
+node it leaves. Without the marker the call inlines to an ordinary Conv op, which ONNX has.
+
+After conversion the ONNX graph must have exactly the model's inputs, by name, and only ONNX
+operators (tf2onnx keeps a TensorFlow op it cannot convert as it is); anything else is an
+`ExportError` naming the difference.
+"""
+
+from __future__ import annotations
+
+from kerasbn.export import signature
+from kerasbn.export.errors import ExportError
+
+import numbers
+
+import keras
+import onnx
+import tensorflow as tf
+import tf2onnx
+from tensorflow.python.framework.convert_to_constants import (  # no public equivalent in TF 2
+    convert_variables_to_constants_v2,
+)
+from tensorflow.python.util import deprecation
+
+OPSETS = range(13, 19)
+# Attributes that keep TensorFlow's function inliner away from a function call.
+_NOT_INLINED = ("_XlaMustCompile", "_noinline")
+
+
+def check_opset(opset):
+    if isinstance(opset, bool) or not isinstance(opset, numbers.Integral) or opset not in OPSETS:
+        raise ValueError(
+            f"`opset` must be an integer from {OPSETS.start} to {OPSETS.stop - 1}. "
+            f"Received: opset={opset!r}"
+        )
+
+
+def convert(model, *, opset=17, input_names=None, output_names=None):
+    """The ONNX `ModelProto` of `model` as it is (no fold, no check, no file).
+
+    The batch dimension is dynamic. Inputs and outputs are named `input_names` and
+    `output_names` (default: after the model's input and output layers, as
+    `kerasbn.export.signature` does); a folded model passes its original's names.
+    """
+    check_opset(opset)
+    specs = signature.input_specs(model)
+    input_names = input_names or [spec.name for spec in specs]
+    output_names = output_names or signature.output_names(model)
+    graph_def, graph_inputs, graph_outputs = frozen_graph(model, specs, len(output_names))
+    renames = dict(zip(graph_inputs, input_names, strict=True))
+    renames.update(zip(graph_outputs, output_names, strict=True))
+    # tf2onnx freezes once more through TF 1's API, whose deprecation notice is no news to a
+    # user; `silence` mutes only those notices, only for this call.
+    with deprecation.silence():
+        proto, _ = tf2onnx.convert.from_graph_def(
+            graph_def,
+            input_names=graph_inputs,
+            output_names=graph_outputs,
+            opset=opset,
+            tensors_to_rename=renames,
+        )
+    _set_conv_groups(proto)
+    _check_graph(proto, input_names, opset)
+    return proto
+
+
+def frozen_graph(model, specs, output_count):
+    """(GraphDef, input tensor names, output tensor names) of `model` called in inference mode,
+    with every variable and captured tensor a constant and no function kept from inlining."""
+    tensor_specs = [tf.TensorSpec((None, *s.shape[1:]), s.dtype, name=s.name) for s in specs]
+
+    @tf.function(input_signature=tensor_specs, autograph=False)
+    def forward(*tensors):
+        outputs = keras.tree.flatten(model(signature.pack(model, list(tensors)), training=False))
+        if len(outputs) != output_count:
+            raise ExportError(
+                f"The model returns {len(outputs)} tensors but declares {output_count} outputs. "
+                f"Received: model={model.name!r}"
+            )
+        return tuple(outputs)
+
+    frozen = convert_variables_to_constants_v2(
+        forward.get_concrete_function(), lower_control_flow=False, aggressive_inlining=True
+    )
+    graph_def = frozen.graph.as_graph_def(add_shapes=True)
+    _allow_inlining(graph_def)
+    inputs = [t.name for t in frozen.inputs if t.dtype != tf.resource]
+    if len(inputs) != len(specs):
+        # A capture that freezing could not turn into a constant would become an ONNX input.
+        raise ExportError(
+            f"The traced model takes {len(inputs)} tensors but has {len(specs)} inputs: "
+            f"{inputs[len(specs):]} are values the model captures and freezing could not "
+            f"make constant. Received: model={model.name!r}"
+        )
+    return graph_def, inputs, [t.name for t in frozen.outputs]
+
+
+def _allow_inlining(graph_def):
+    for function in graph_def.library.function:
+        for name in _NOT_INLINED:
+            if name in function.attr:
+                del function.attr[name]
+        for node in function.node_def:
+            _drop_attributes(node)
+    for node in graph_def.node:
+        _drop_attributes(node)
+
+
+def _drop_attributes(node):
+    for name in _NOT_INLINED:
+        if name in node.attr:
+            del node.attr[name]
+
+
+def _set_conv_groups(proto):
+    """Give every ONNX Conv the group count its shapes imply.
+
+    tf2onnx 1.17 derives a convolution's groups only for the 4-D data formats (NHWC, NCHW): a
+    grouped Conv3D comes out with group=1, which ONNX Runtime refuses (input channels ≠ kernel
+    channels · group). With input channels C and a kernel of C/g input channels, g is the only
+    group count that fits.
+    """
+    shapes = _static_shapes(proto)
+    for node in proto.graph.node:
+        if node.op_type != "Conv":
+            continue
+        x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if not x or not w or len(x) < 2 or len(w) < 2 or not (x[1] > 0 and w[1] > 0):
+            continue
+        group = next((a for a in node.attribute if a.name == "group"), None)
+        current = group.i if group is not None else 1
+        if x[1] != w[1] * current and x[1] % w[1] == 0:
+            if group is None:
+                node.attribute.append(onnx.helper.make_attribute("group", x[1] // w[1]))
+            else:
+                group.i = x[1] // w[1]
+
+
+def _static_shapes(proto):
+    """Tensor name → its shape (0 for an unknown size), as ONNX shape inference finds them."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    shapes = {i.name: tuple(i.dims) for i in inferred.graph.initializer}
+    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = tuple(d.dim_value for d in dims)
+    return shapes
+
+
+def _check_graph(proto, input_names, opset):
+    initializers = {i.name for i in proto.graph.initializer}
+    graph_inputs = [i.name for i in proto.graph.input if i.name not in initializers]
+    extra = sorted(set(graph_inputs) - set(input_names))
+    missing = sorted(set(input_names) - set(graph_inputs))
+    if extra or missing:
+        raise ExportError(
+            "The ONNX graph's inputs differ from the Keras model's: it has inputs the model "
+            f"does not ({extra}) and lacks ({missing}). Received: model inputs={input_names}"
+        )
+    onnx_domain = [n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx")]
+    unconverted = sorted({op for op in onnx_domain if not onnx.defs.has(op)})
+    if unconverted:
+        raise ExportError(
+            f"tf2onnx could not convert the TensorFlow operations {unconverted} to ONNX "
+            f"(opset {opset}); the model uses an operation ONNX or tf2onnx does not have"
+        )

@@ -1,0 +1,296 @@
+"""Run an ONNX file in ONNX Runtime and compare it with a Keras model in inference mode.
+
+The check is element-wise, against the scale of the example the element belongs to:
+
+    |onnx − keras| <= atol + rtol·scale,    scale = max |keras| over that example's output
+
+(per output tensor, per example: one row along the batch axis). Float32 rounding in a deep
+network leaves errors proportional to the magnitudes the network computes with, not to each
+output element: a logit of 7e-4 next to logits of 10 carries the error of the 10s (measured on
+MobileNetV2: Keras's own `model(x)` and `model.predict(x)` differ by 3e-5 there). An elementwise
+relative check would call that noise a failure, and only the example's scale can judge an
+element near zero. The reported `max_rel_error` is the largest |onnx − keras| / scale.
+
+Default tolerances follow the lowest-precision compute dtype among the model's layers (under a
+mixed-precision policy Keras computes in float16 or bfloat16, and ONNX Runtime may round
+differently); `DEFAULT_TOLERANCES` lists them.
+
+The Keras reference is the model called inside a `tf.function`, as `model.predict` runs it.
+(An eager call is not always right: Keras 3.15 adds a channels_first convolution's bias on the
+last axis when that axis has as many positions as the layer has filters.)
+
+A value that is NaN or infinite in both outputs (the same non-finite value) counts as agreeing
+but is not compared; if no finite value at all could be compared, verification fails: it would
+have proven nothing.
+"""
+
+from __future__ import annotations
+
+from kerasbn import _keras_compat
+from kerasbn.export import signature
+from kerasbn.export.errors import ExportError
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import onnxruntime
+import tensorflow as tf
+
+# compute dtype -> (atol, rtol); float64 and float32 models get float32's.
+DEFAULT_TOLERANCES = {
+    "float32": (1e-5, 1e-4),
+    "float16": (1e-3, 1e-2),  # ~20 units of float16's rounding (2^-11) relative
+    "bfloat16": (1e-2, 8e-2),  # ~20 units of bfloat16's rounding (2^-8) relative
+}
+_BATCH_ROWS = 64  # rows per ONNX Runtime / Keras call: bounds memory for large `samples`
+
+
+@dataclass(frozen=True)
+class Verification:
+    """How ONNX Runtime's outputs compare with the Keras model's.
+
+    Attributes:
+        samples: examples run through both.
+        atol, rtol: the tolerance of |onnx − keras| <= atol + rtol·scale (the example's largest
+            |keras| output value).
+        max_abs_error, max_rel_error: the largest |onnx − keras|, and |onnx − keras| / scale,
+            among finite values.
+        values: output values compared; `non_finite`: of those, NaN/inf in both (not compared).
+        violations: values outside the tolerance.
+        message: why it failed ("" when it passed).
+    """
+
+    samples: int
+    atol: float
+    rtol: float
+    max_abs_error: float
+    max_rel_error: float
+    values: int
+    non_finite: int
+    violations: int
+    message: str
+
+    @property
+    def passed(self) -> bool:
+        return not self.message
+
+    def __str__(self) -> str:
+        text = (
+            f"verified on {self.samples} samples, ONNX Runtime vs the original Keras model: "
+            f"max abs error {self.max_abs_error:.3g}, max rel error {self.max_rel_error:.3g} "
+            f"(atol={self.atol:g}, rtol={self.rtol:g})"
+        )
+        if self.non_finite:
+            text += f"; {self.non_finite} of {self.values} values NaN or inf in both, not compared"
+        return text if self.passed else f"{text}\nFAILED: {self.message}"
+
+
+def default_tolerance(model):
+    """(atol, rtol) for `model`: those of the lowest-precision compute dtype of its layers."""
+    dtypes = {
+        getattr(layer, "compute_dtype", None)
+        for layer in [model, *_keras_compat.sublayers(model)]
+    }
+    for dtype in ("bfloat16", "float16"):
+        if dtype in dtypes:
+            return DEFAULT_TOLERANCES[dtype]
+    return DEFAULT_TOLERANCES["float32"]
+
+
+def check_tolerance(atol, rtol):
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            0 <= value < math.inf
+        ):
+            raise ValueError(
+                f"`{name}` must be a finite number >= 0 or None. Received: {name}={value!r}"
+            )
+
+
+def resolve_tolerance(model, atol, rtol):
+    """`atol` and `rtol` as floats, each taken from `default_tolerance(model)` when None."""
+    check_tolerance(atol, rtol)
+    default_atol, default_rtol = default_tolerance(model)
+    return (
+        float(default_atol if atol is None else atol),
+        float(default_rtol if rtol is None else rtol),
+    )
+
+
+def verify(model, onnx_path, samples=None, *, random_samples=8, atol=None, rtol=None):
+    """Compare the ONNX file `onnx_path` in ONNX Runtime with `model` in inference mode.
+
+    Args:
+        model: the Keras model the file should reproduce.
+        onnx_path: an ONNX file whose inputs and outputs are named as `kerasbn.export.to_onnx`
+            names them (after the model's input and output layers).
+        samples: inputs to compare on: an array, a list in the order of `model.inputs`, or a
+            dict by input name; batch first.
+        random_samples: standard-normal examples to compare on besides `samples`.
+        atol, rtol: the tolerance; None takes `default_tolerance(model)`.
+
+    Returns:
+        A `Verification`; `passed` says whether every value is within the tolerance.
+
+    Raises:
+        TypeError, ValueError: bad arguments, before anything runs.
+        ExportError: ONNX Runtime cannot load or run the file.
+    """
+    signature.check_model(model)
+    atol, rtol = resolve_tolerance(model, atol, rtol)
+    specs = signature.input_specs(model)
+    batches = signature.example_batches(specs, samples, random_samples)
+    if not batches:
+        raise ValueError(
+            "Verification needs examples: pass `samples` or a positive `random_samples`. "
+            f"Received: samples=None, random_samples={random_samples!r}"
+        )
+    return compare(model, onnx_path, batches, atol=atol, rtol=rtol)
+
+
+def compare(model, onnx_path, batches, *, atol, rtol):
+    """`verify` on checked arguments: `batches` from `signature.example_batches`."""
+    specs = signature.input_specs(model)
+    names = signature.output_names(model)
+    session = _session(onnx_path, specs, names)
+    reference = _reference(model, specs)
+    errors = _Errors()
+    for batch in batches:
+        for start in range(0, len(batch[0]), _BATCH_ROWS):
+            rows = [array[start : start + _BATCH_ROWS] for array in batch]
+            expected = [np.asarray(t) for t in reference(*rows)]
+            feed = {spec.name: array for spec, array in zip(specs, rows, strict=True)}
+            try:
+                got = session.run(names, feed)
+            except Exception as error:  # noqa: BLE001  (ONNX Runtime raises its own kinds)
+                raise ExportError(
+                    f"ONNX Runtime could not run the exported model: {error}"
+                ) from error
+            for name, onnx_out, keras_out in zip(names, got, expected, strict=True):
+                errors.add(name, onnx_out, keras_out, atol=atol, rtol=rtol)
+    return Verification(
+        samples=sum(len(batch[0]) for batch in batches),
+        atol=atol,
+        rtol=rtol,
+        max_abs_error=errors.max_abs,
+        max_rel_error=errors.max_rel,
+        values=errors.elements,
+        non_finite=errors.non_finite,
+        violations=errors.violations,
+        message=errors.message(atol=atol, rtol=rtol),
+    )
+
+
+def _session(onnx_path, specs, output_names):
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: warnings would spam a command line's output
+    try:
+        session = onnxruntime.InferenceSession(
+            str(onnx_path), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as error:  # noqa: BLE001  (as above)
+        raise ExportError(f"ONNX Runtime could not load the exported model: {error}") from error
+    graph_inputs = sorted(i.name for i in session.get_inputs())
+    model_inputs = sorted(spec.name for spec in specs)
+    if graph_inputs != model_inputs:
+        raise ExportError(
+            "The ONNX graph has other inputs than the Keras model: inputs the model does not "
+            f"have: {sorted(set(graph_inputs) - set(model_inputs))}; model inputs it lacks: "
+            f"{sorted(set(model_inputs) - set(graph_inputs))}"
+        )
+    missing = sorted(set(output_names) - {o.name for o in session.get_outputs()})
+    if missing:
+        raise ExportError(f"The ONNX graph lacks the model outputs {missing}")
+    return session
+
+
+def _reference(model, specs):
+    tensor_specs = [tf.TensorSpec((None, *s.shape[1:]), s.dtype) for s in specs]
+
+    @tf.function(input_signature=tensor_specs, autograph=False, reduce_retracing=True)
+    def call(*tensors):
+        return keras.tree.flatten(model(signature.pack(model, list(tensors)), training=False))
+
+    return call
+
+
+def _example_scale(magnitude):
+    """Each element's example scale: the largest magnitude in its row along the batch axis."""
+    if magnitude.ndim < 2:
+        return magnitude  # one value per example
+    axes = tuple(range(1, magnitude.ndim))
+    return np.broadcast_to(magnitude.max(axis=axes, keepdims=True), magnitude.shape)
+
+
+@dataclass
+class _Errors:
+    """The running maxima of a comparison and its worst violation of the tolerance."""
+
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    violations: int = 0
+    elements: int = 0
+    non_finite: int = 0
+    # (excess, output name, index, onnx value, keras value, allowed difference)
+    worst: tuple | None = None
+    shape_mismatch: str | None = None
+
+    def add(self, name, got, expected, *, atol, rtol):
+        got = np.asarray(got, dtype=np.float64)
+        expected = np.asarray(expected, dtype=np.float64)
+        if got.shape != expected.shape:
+            self.shape_mismatch = f"output {name!r}: onnx shape {got.shape}, keras {expected.shape}"
+            return
+        with np.errstate(invalid="ignore"):  # inf - inf: judged as non-finite below
+            difference = np.abs(got - expected)
+        both_finite = np.isfinite(got) & np.isfinite(expected)
+        scale = _example_scale(np.where(np.isfinite(expected), np.abs(expected), 0.0))
+        allowed = atol + rtol * scale
+        if both_finite.any():
+            self.max_abs = max(self.max_abs, float(difference[both_finite].max()))
+            positive = both_finite & (scale > 0)
+            if positive.any():
+                self.max_rel = max(
+                    self.max_rel, float((difference[positive] / scale[positive]).max())
+                )
+        same_non_finite = ~both_finite & ((got == expected) | (np.isnan(got) & np.isnan(expected)))
+        bad = ~same_non_finite & ~(both_finite & (difference <= allowed))
+        self.elements += got.size
+        self.non_finite += int(same_non_finite.sum())
+        self.violations += int(bad.sum())
+        if bad.any():
+            # How far past its allowance each violation is; non-finite ones count as infinite.
+            excess = np.where(bad & both_finite, difference / allowed, -np.inf)
+            excess[bad & ~both_finite] = np.inf
+            index = np.unravel_index(int(np.argmax(excess)), excess.shape)
+            if self.worst is None or excess[index] > self.worst[0]:
+                self.worst = (
+                    float(excess[index]), name, index, got[index], expected[index], allowed[index]
+                )
+
+    def message(self, *, atol, rtol):
+        """Why the comparison failed, or "" when it passed."""
+        if self.shape_mismatch:
+            return f"ONNX Runtime and Keras disagree on a shape: {self.shape_mismatch}"
+        if self.worst is not None:
+            _, name, index, got, expected, allowed = self.worst
+            return (
+                f"ONNX Runtime disagrees with the original Keras model on {self.violations} of "
+                f"{self.elements} output values: max abs error {self.max_abs:.3g}, max rel error "
+                f"{self.max_rel:.3g}, tolerance |onnx - keras| <= atol + rtol*max|keras| per "
+                f"example with atol={atol:g}, rtol={rtol:g}. Worst: output {name!r} at "
+                f"{tuple(map(int, index))}: onnx={got:.7g}, keras={expected:.7g}, "
+                f"|diff|={abs(got - expected):.3g} > {allowed:.3g} allowed"
+            )
+        if self.non_finite == self.elements:
+            return (
+                f"every one of the {self.elements} output values is NaN or infinite in Keras "
+                "and ONNX Runtime alike, so nothing could be compared; pass `samples` on which "
+                "the model gives finite outputs"
+            )
+        return ""

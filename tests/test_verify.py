@@ -1,0 +1,153 @@
+"""verify: the tolerance, non-finite outputs, the Keras reference, and ONNX Runtime failures."""
+
+import kerasbn
+from kerasbn.export import ExportError, to_onnx, verify
+from kerasbn.export import verification as verify_module
+from kerasbn.export.convert import convert
+
+import keras
+import numpy as np
+import onnx
+import pytest
+
+from tests.helpers import randomize_bn
+
+L = keras.layers
+
+
+def compare(onnx_values, keras_values, atol=1e-3, rtol=1e-2):
+    errors = verify_module._Errors()
+    errors.add("y", np.array(onnx_values), np.array(keras_values), atol=atol, rtol=rtol)
+    return errors, errors.message(atol=atol, rtol=rtol)
+
+
+def test_tolerance_is_atol_plus_rtol_times_each_examples_largest_value():
+    keras_values = [[0.0, 100.0, -2.0], [0.0, 1.0, -0.5]]  # scales 100 and 1
+    # allowed: 1e-3 + 1e-2 * 100 = 1.001 in the first example, 0.011 in the second
+    inside, message = compare([[0.9, 101.0, -2.5], [0.0105, 1.005, -0.5]], keras_values)
+    assert message == ""
+    assert inside.max_abs == pytest.approx(1.0)
+    assert inside.max_rel == pytest.approx(0.0105)  # |diff| / the example's scale
+    outside, message = compare([[0.0, 101.002, -2.0], [0.012, 1.0, -0.5]], keras_values)
+    assert outside.violations == 2
+    assert "output 'y' at (1, 0): onnx=0.012, keras=0, |diff|=0.012 > 0.011 allowed" in message
+
+
+def test_one_value_per_example_is_its_own_scale():
+    _, message = compare([100.5, 0.0105], [100.0, 0.0], atol=1e-3, rtol=1e-2)
+    assert "on 1 of 2 output values" in message and "at (1,)" in message
+
+
+@pytest.mark.parametrize(
+    "onnx_values, keras_values, expected",
+    [
+        ([np.nan, 1.0], [0.5, 1.0], "on 1 of 2 output values"),  # NaN where Keras is finite
+        ([0.5, 1.0], [np.inf, 1.0], "on 1 of 2 output values"),
+        ([np.nan, np.nan], [np.nan, np.nan], "every one of the 2 output values is NaN"),
+        ([np.inf, np.nan], [np.inf, np.nan], "nothing could be compared"),
+    ],
+)
+def test_non_finite_values_fail_unless_some_finite_value_agrees(
+    onnx_values, keras_values, expected
+):
+    _, message = compare(onnx_values, keras_values)
+    assert expected in message
+
+
+def test_values_non_finite_in_both_are_counted_not_compared():
+    errors, message = compare([np.nan, 1.0, 2.0], [np.nan, 1.0, 2.0005])
+    assert message == ""
+    assert (errors.non_finite, errors.elements, errors.max_abs) == (1, 3, pytest.approx(5e-4))
+
+
+def _bias_model():
+    """A channels_first Conv2D whose last axis has as many positions as it has filters, which
+    Keras 3.15 computes wrongly when called eagerly (`model.predict` is right)."""
+    inputs = keras.Input((3, 8, 6))
+    conv = L.Conv2D(6, 1, data_format="channels_first")
+    model = keras.Model(inputs, conv(inputs))
+    conv.bias.assign(np.arange(6, dtype="float32"))
+    return model
+
+
+def test_reference_is_the_model_as_predict_runs_it(tmp_path):
+    model = _bias_model()
+    x = np.random.default_rng(0).standard_normal((4, 3, 8, 6)).astype("float32")
+    report = to_onnx(model, tmp_path / "m.onnx", samples=x)
+    assert report.verification.passed
+    # The file computes what predict computes, whatever an eager call says.
+    session_out = verify(model, tmp_path / "m.onnx", x, random_samples=0)
+    assert session_out.max_abs_error < 1e-5
+
+
+def test_verify_any_onnx_file_against_a_keras_model(tmp_path, rng):
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, L.BatchNormalization(name="out")(L.Dense(4)(inputs)))
+    randomize_bn(model, rng)
+    onnx.save(convert(model), tmp_path / "m.onnx")
+    result = verify(model, tmp_path / "m.onnx", rng.standard_normal((3, 5)))
+    assert result.passed and result.samples == 3 + 8
+    assert str(result).startswith("verified on 11 samples")
+
+    other = keras.Model(inputs, L.Dense(4, name="out")(inputs))  # another model: disagrees
+    result = verify(other, tmp_path / "m.onnx")
+    assert not result.passed and "FAILED: ONNX Runtime disagrees" in str(result)
+
+
+def test_an_onnx_file_with_other_inputs_is_an_export_error(tmp_path):
+    a = keras.Input((5,), name="a")
+    onnx.save(convert(keras.Model(a, L.Dense(2)(a))), tmp_path / "m.onnx")
+    b = keras.Input((5,), name="b")
+    with pytest.raises(ExportError, match=r"inputs the model does not have: \['a'\]"):
+        verify(keras.Model(b, L.Dense(2)(b)), tmp_path / "m.onnx")
+
+
+def test_an_unreadable_onnx_file_is_an_export_error(tmp_path):
+    (tmp_path / "m.onnx").write_bytes(b"not onnx")
+    inputs = keras.Input((5,))
+    with pytest.raises(ExportError, match="could not load the exported model"):
+        verify(keras.Model(inputs, L.Dense(2)(inputs)), tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize(
+    "policy, expected",
+    [("float32", (1e-5, 1e-4)), ("mixed_float16", (1e-3, 1e-2)), ("mixed_bfloat16", (1e-2, 8e-2))],
+)
+def test_default_tolerance_follows_the_compute_dtype(policy, expected):
+    keras.mixed_precision.set_global_policy(policy)
+    inputs = keras.Input((5,))
+    x = L.Dense(4)(inputs)
+    outputs = L.Activation("linear", dtype="float32")(kerasbn.BatchNormalization()(x))
+    assert verify_module.default_tolerance(keras.Model(inputs, outputs)) == expected
+
+
+def test_mixed_float16_model_exports_with_its_default_tolerance(tmp_path, rng):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    inputs = keras.Input((16, 16, 3))
+    x = L.Conv2D(8, 3)(inputs)
+    x = L.BatchNormalization()(x)
+    x = L.GlobalAveragePooling2D()(L.ReLU()(x))
+    x = L.BatchNormalization()(L.Dense(10)(x))
+    model = keras.Model(inputs, L.Activation("softmax", dtype="float32")(x))
+    randomize_bn(model, rng)
+    for fold in (True, False):
+        report = to_onnx(model, tmp_path / "m.onnx", fold=fold, random_samples=32)
+        assert (report.atol, report.rtol) == (1e-3, 1e-2)
+        # float16 arithmetic: errors of a few float16 units, far above float32's.
+        assert 1e-6 < report.max_abs_error < 1e-3
+
+
+@pytest.mark.parametrize(
+    "arguments, error, message",
+    [
+        ({"atol": -1.0}, ValueError, "Received: atol=-1.0"),
+        ({"rtol": float("nan")}, ValueError, "Received: rtol=nan"),
+        ({"random_samples": 0}, ValueError, "Verification needs examples"),
+        ({"samples": np.zeros((0, 5))}, ValueError, r"holds no examples \(0 rows\)"),
+        ({"samples": np.zeros((2, 4))}, ValueError, r"must have shape \(None, 5\)"),
+    ],
+)
+def test_bad_arguments_raise_before_running(arguments, error, message, tmp_path):
+    inputs = keras.Input((5,))
+    with pytest.raises(error, match=message):
+        verify(keras.Model(inputs, L.Dense(2)(inputs)), tmp_path / "missing.onnx", **arguments)
