@@ -38,12 +38,17 @@ Batch Renormalization (Ioffe, 2017; `Renorm`, `renorm_correction`): y = γ·(r·
 r, d per channel from the batch moments and the renorm statistics, constants of the step. The
 backward is the plain one with γ·r in place of γ, and ∂ℓ/∂γ = r·Σg·x̂ + d·Σg.
 
+Fused activation (`activation`, see `kerasbn.activation`): y = f(z) for the BN output z, in the
+same pass; the backward applies g = dy·f′(z) first, z recomputed from x, then BN's closed form.
+
 Ghost batches (`ghost_batch_norm`): a free reshape (N, ...) → (N/k, k, ...) makes the group a
 leading non-reduced axis, so the same two XLA functions normalize every group with its own
 moments; γ and β are shared, so their gradients are the per-group sums added up (`_sum_to`).
 """
 
 from __future__ import annotations
+
+from kerasbn.activation import FUSED
 
 from typing import NamedTuple
 
@@ -262,28 +267,47 @@ def normalized(x, mean, inv_std, shift=0.0):
     return ((_as_statistics_dtype(x) - shift) - mean) * inv_std
 
 
-def gradient_sums(dy, x, mean, inv_std, reduction_axes, *, shift=0.0):
+def _bn_output_gradient(dy, x_hat, activation, scale, offset):
+    """g = ∂ℓ/∂z for the BN output z = x̂·scale + offset: dy itself, or with a fused
+    activation a = f(z), dy·f′(z) (`kerasbn.activation`), z recomputed from x̂."""
+    g = _as_statistics_dtype(dy)
+    if activation is None:
+        return g
+    return g * FUSED[activation].derivative(x_hat * scale + offset)
+
+
+def gradient_sums(
+    dy, x, mean, inv_std, reduction_axes, *, shift=0.0, activation=None, scale=1.0, offset=0.0
+):
     """Per-channel (Σg, Σg·x̂) = (∂ℓ/∂β, ∂ℓ/∂γ): the sums the backward pass needs.
 
-    `mean` is relative to `shift` (see `normalized`).
+    `mean` is relative to `shift` (see `normalized`). With a fused `activation`, dy is the
+    gradient of its output and g = dy·f′(x̂·scale + offset).
     """
 
-    def terms(dy, x, mean, inv_std, shift):
-        g = _as_statistics_dtype(dy)
-        return g, g * normalized(x, mean, inv_std, shift)
+    def terms(dy, x, mean, inv_std, shift, scale, offset):
+        x_hat = normalized(x, mean, inv_std, shift)
+        g = _bn_output_gradient(dy, x_hat, activation, scale, offset)
+        return g, g * x_hat
 
-    return tuple(_per_channel_sums(terms, [dy, x], [mean, inv_std, shift], reduction_axes))
+    return tuple(
+        _per_channel_sums(
+            terms, [dy, x], [mean, inv_std, shift, scale, offset], reduction_axes
+        )
+    )
 
 
 def input_gradient(
-    dy, x, gamma, mean, inv_std, count, sum_g, sum_g_xhat, weights=None, *, shift=0.0
+    dy, x, gamma, mean, inv_std, count, sum_g, sum_g_xhat, weights=None, *, shift=0.0,
+    activation=None, offset=0.0,
 ):
     """∂ℓ/∂x = γ/√(σ²+ε) · (g − w·(Σg + x̂·Σg·x̂)/m), in x's dtype.
 
-    `mean` is relative to `shift` (see `normalized`).
+    `mean` is relative to `shift` (see `normalized`). With a fused `activation`, g is dy·f′(z)
+    for the BN output z = x̂·γ + offset.
     """
-    g = _as_statistics_dtype(dy)
     x_hat = normalized(x, mean, inv_std, shift)
+    g = _bn_output_gradient(dy, x_hat, activation, gamma, offset)
     # divide_no_nan: a fully masked channel (m = 0) has no correction term (its weights are 0).
     correction = tf.math.divide_no_nan(sum_g + x_hat * sum_g_xhat, count)
     if weights is not None:
@@ -322,7 +346,7 @@ def renorm_correction(mean, variance, epsilon, renorm):
     return tf.stop_gradient(r), tf.stop_gradient(d)
 
 
-def _training_forward(x, gamma, beta, weights, renorm, *, reduction_axes, epsilon):
+def _training_forward(x, gamma, beta, weights, renorm, *, reduction_axes, epsilon, activation):
     x32 = _as_statistics_dtype(x)
     if weights is not None:
         weights = _as_statistics_dtype(weights)
@@ -340,30 +364,29 @@ def _training_forward(x, gamma, beta, weights, renorm, *, reduction_axes, epsilo
     else:
         r, d = renorm_correction(shift + shifted_mean, variance, epsilon, renorm)
         y = x_hat * (gamma * r) + (gamma * d + beta)
+    if activation is not None:
+        y = FUSED[activation].forward(y)
     return tf.cast(y, x.dtype), shift, shifted_mean, variance, count, r, d
 
 
 def _training_backward(
-    dy, x, gamma, shift, shifted_mean, variance, count, weights, r, d, *, reduction_axes,
-    epsilon,
+    dy, x, gamma, beta, shift, shifted_mean, variance, count, weights, r, d, *,
+    reduction_axes, epsilon, activation,
 ):
     inv_std = inverse_std(variance, epsilon)
+    # The BN output is z = x̂·scale + offset: with renorm y = γ·(r·x̂ + d) + β, where r and d
+    # are constants, so the plain backward holds with γ·r for γ.
+    scale, offset = (gamma, beta) if r is None else (gamma * r, gamma * d + beta)
     sum_g, sum_g_xhat = gradient_sums(
-        dy, x, shifted_mean, inv_std, reduction_axes, shift=shift
+        dy, x, shifted_mean, inv_std, reduction_axes, shift=shift, activation=activation,
+        scale=scale, offset=offset,
     )
-    if r is None:
-        dx = input_gradient(
-            dy, x, gamma, shifted_mean, inv_std, count, sum_g, sum_g_xhat, weights, shift=shift
-        )
-        d_gamma = sum_g_xhat
-    else:
-        # y = γ·(r·x̂ + d) + β with r, d constants: the plain backward with γ·r for γ, and
-        # ∂ℓ/∂γ = r·Σg·x̂ + d·Σg.
-        dx = input_gradient(
-            dy, x, gamma * r, shifted_mean, inv_std, count, sum_g, sum_g_xhat, weights,
-            shift=shift,
-        )
-        d_gamma = r * sum_g_xhat + d * sum_g
+    dx = input_gradient(
+        dy, x, scale, shifted_mean, inv_std, count, sum_g, sum_g_xhat, weights, shift=shift,
+        activation=activation, offset=offset,
+    )
+    # ∂ℓ/∂γ = Σg·x̂, with renorm r·Σg·x̂ + d·Σg.
+    d_gamma = sum_g_xhat if r is None else r * sum_g_xhat + d * sum_g
     return dx, _sum_to(d_gamma, gamma.shape), _sum_to(sum_g, gamma.shape)
 
 
@@ -382,7 +405,9 @@ _compiled_forward = tf.function(_training_forward, jit_compile=True)
 _compiled_backward = tf.function(_training_backward, jit_compile=True)
 
 
-def fused_batch_norm(x, gamma, beta, *, reduction_axes, epsilon, weights=None, renorm=None):
+def fused_batch_norm(
+    x, gamma, beta, *, reduction_axes, epsilon, weights=None, renorm=None, activation=None
+):
     """Training-mode batch normalization with the closed-form backward pass.
 
     Args:
@@ -394,6 +419,8 @@ def fused_batch_norm(x, gamma, beta, *, reduction_axes, epsilon, weights=None, r
         weights: optional mask weights broadcastable to x (1 = counted).
         renorm: optional `Renorm`: y = γ·(r·x̂ + d) + β (`renorm_correction`), r and d
             constants in the backward pass.
+        activation: None, or a key of `kerasbn.activation.FUSED`: y = f(BN(x)), its
+            derivative applied to dy before BN's backward.
 
     Returns:
         (y, mean, variance, count): y in x's dtype; the batch moments (biased variance) and the
@@ -403,19 +430,25 @@ def fused_batch_norm(x, gamma, beta, *, reduction_axes, epsilon, weights=None, r
     """
     reduction_axes = tuple(reduction_axes)
     epsilon = float(epsilon)
+    if activation is not None and activation not in FUSED:
+        raise ValueError(
+            f"`activation` must be None or one of {tuple(FUSED)}. Received: "
+            f"activation={activation!r}"
+        )
     if renorm is not None:
         renorm = Renorm(*(tf.stop_gradient(t) if tf.is_tensor(t) else t for t in renorm))
 
     @tf.custom_gradient
     def _batch_norm(x, gamma, beta):
         y, shift, shifted_mean, variance, count, r, d = _compiled_forward(
-            x, gamma, beta, weights, renorm, reduction_axes=reduction_axes, epsilon=epsilon
+            x, gamma, beta, weights, renorm, reduction_axes=reduction_axes, epsilon=epsilon,
+            activation=activation,
         )
 
         def grad(dy, *_unused_statistics_grads):
             return _compiled_backward(
-                dy, x, gamma, shift, shifted_mean, variance, count, weights, r, d,
-                reduction_axes=reduction_axes, epsilon=epsilon,
+                dy, x, gamma, beta, shift, shifted_mean, variance, count, weights, r, d,
+                reduction_axes=reduction_axes, epsilon=epsilon, activation=activation,
             )
 
         return (y, shift + shifted_mean, variance, count), grad
@@ -452,7 +485,8 @@ def pooled_moments(mean, variance, count):
 
 
 def ghost_batch_norm(
-    x, gamma, beta, *, virtual_batch_size, reduction_axes, epsilon, weights=None, renorm=None
+    x, gamma, beta, *, virtual_batch_size, reduction_axes, epsilon, weights=None, renorm=None,
+    activation=None,
 ):
     """`fused_batch_norm` with each group of `virtual_batch_size` consecutive examples (axis 0)
     normalized with its own moments (ghost batch normalization, Hoffer et al., 2017).
@@ -469,7 +503,7 @@ def ghost_batch_norm(
     grouped_axes = (1, *(a + 1 for a in reduction_axes if a != 0))
     y, mean, variance, count = fused_batch_norm(
         _grouped(x, k), _grouped(gamma, k), _grouped(beta, k),
-        reduction_axes=grouped_axes, epsilon=epsilon,
+        reduction_axes=grouped_axes, epsilon=epsilon, activation=activation,
         weights=None if weights is None else _grouped(tf.broadcast_to(weights, tf.shape(x)), k),
         renorm=None if renorm is None else renorm._replace(
             mean=_grouped(renorm.mean, k), stddev=_grouped(renorm.stddev, k)

@@ -8,6 +8,7 @@ statistics).
 from __future__ import annotations
 
 from kerasbn import _sync, kernel, updates
+from kerasbn import activation as activations
 from kerasbn._axes import canonical_axis, normalize_axes, reduction_axes
 
 import math
@@ -74,6 +75,14 @@ class BatchNormalization(keras.layers.Layer):
             within-group variance Σ m_g·σ²_g / Σ m_g, or with `unbiased_variance` the pooled
             Σ m_g·σ²_g / Σ (m_g − 1) (an unbiased estimate of the population variance; tf.keras
             2 stored the biased one). Inference is unchanged. Axis 0 must not be normalized.
+        activation: None (linear), or a Keras activation (name or function) applied to the
+            output: the layer computes activation(BN(x)), as BN followed by
+            `keras.layers.Activation` would. "relu", "relu6", "sigmoid", "silu"/"swish" and
+            "hard_silu"/"hard_swish" are fused into the training kernel, forward and backward
+            (one pass over the data instead of three); any other activation is applied after
+            the kernel. In inference it follows the multiply-add. Folding moves it onto the
+            layer the BN folds into (`kerasbn.export`). With `synchronized=True` across
+            replicas it is applied after the synchronized kernel (not fused).
 
     A training batch whose statistics are not finite, or (unbiased) with m = 1 known only at
     run time, leaves the statistics unchanged and adds one to `skipped_updates`. So does a
@@ -113,6 +122,7 @@ class BatchNormalization(keras.layers.Layer):
         unbiased_variance=True,
         renorm_warmup_steps=None,
         virtual_batch_size=None,
+        activation=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -140,6 +150,9 @@ class BatchNormalization(keras.layers.Layer):
             renorm_clipping = _checked_renorm_clipping(renorm_clipping)
         _check_renorm_warmup(renorm_warmup_steps, bool(renorm), renorm_clipping)
         _check_optional_positive_int("virtual_batch_size", virtual_batch_size)
+        self.activation = activations.get(activation)
+        # A name of `kerasbn.activation.FUSED`: applied inside the training kernel.
+        self._fused_activation = activations.fused_name(self.activation)
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
         self.center = bool(center)
@@ -276,7 +289,13 @@ class BatchNormalization(keras.layers.Layer):
             self._per_channel(self.moving_variance, 1.0, dtype),
             self.epsilon,
         )
-        return tf.cast(tf.cast(inputs, dtype) * scale + offset, inputs.dtype)
+        return tf.cast(self._activate(tf.cast(inputs, dtype) * scale + offset), inputs.dtype)
+
+    def _activate(self, outputs):
+        """The layer's activation, applied outside the kernel."""
+        if activations.is_linear(self.activation):
+            return outputs
+        return self.activation(outputs)
 
     def _training_call(self, inputs, mask):
         dtype = kernel.statistics_dtype(inputs.dtype)
@@ -294,6 +313,10 @@ class BatchNormalization(keras.layers.Layer):
         )
         if self.renorm:
             arguments["renorm"] = self._renorm_inputs(dtype)
+        # The synchronized kernel has no fused activation: it is applied after it.
+        fused = self._fused_activation is not None and not synchronizing
+        if fused:
+            arguments["activation"] = self._fused_activation
         gamma = self._per_channel(self.gamma, 1.0, dtype)
         beta = self._per_channel(self.beta, 0.0, dtype)
         if self.virtual_batch_size is not None:
@@ -314,7 +337,7 @@ class BatchNormalization(keras.layers.Layer):
             for t in (mean, variance, count, dof)
         ]
         self._update_statistics(*moments)
-        return outputs
+        return outputs if fused else self._activate(outputs)
 
     def _check_batch_has_several_values(self, shape, what="batch"):
         dims = [shape[a] for a in self._reduction_axes]
@@ -510,6 +533,7 @@ class BatchNormalization(keras.layers.Layer):
             "unbiased_variance": self.unbiased_variance,
             "renorm_warmup_steps": self.renorm_warmup_steps,
             "virtual_batch_size": self.virtual_batch_size,
+            "activation": keras.activations.serialize(self.activation),
         }
         return {**super().get_config(), **config}
 
