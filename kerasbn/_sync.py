@@ -69,9 +69,10 @@ def _all_reduce_sum(context, tensors):
 
 
 def _statistics_inputs(x, weights):
-    x = tf.cast(x, kernel.STATISTICS_DTYPE)
+    dtype = kernel.statistics_dtype(x.dtype)  # float64 stays float64, as in the kernel
+    x = tf.cast(x, dtype)
     if weights is not None:
-        weights = tf.cast(weights, kernel.STATISTICS_DTYPE)
+        weights = tf.cast(weights, dtype)
     return x, weights
 
 

@@ -1,9 +1,9 @@
 """How one training batch changes the stored inference statistics.
 
-Pure functions of per-channel float32 tensors: batch moments (μ_B, biased σ²_B, m) in, new
-statistics out, plus `accepted`, a scalar bool. A batch whose statistics are not finite (NaN or
-Inf in the input), or that cannot give an unbiased variance (m < 2), is not accepted and leaves
-every statistic exactly as it was; the layer counts it.
+Pure functions of per-channel tensors (float32, or float64 for a float64 layer): batch moments
+(μ_B, biased σ²_B, m) in, new statistics out, plus `accepted`, a scalar bool. A batch whose
+statistics are not finite (NaN or Inf in the input), or that cannot give an unbiased variance
+(m < 2), is not accepted and leaves every statistic exactly as it was; the layer counts it.
 
 Moving average (Keras's convention):   new = momentum·old + (1 − momentum)·batch
 

@@ -161,3 +161,36 @@ def test_convnet_export_quick(examples, tmp_path, capsys):
     assert all(seconds > 0 for seconds in result["latency"].values())
     printed = capsys.readouterr().out
     assert "BN layers folded" in printed and "4 of 4" in printed
+
+
+# --- small_batch -------------------------------------------------------------------------------
+
+
+def test_small_batch_quick(examples, tmp_path, capsys):
+    result = examples("small_batch").main(
+        ["--quick", "--batch-sizes", "4", "--methods", "BN", "BN+renorm", "BN+ghost",
+         "--out", str(tmp_path)]
+    )
+    rows = {row["method"]: row for row in result["rows"]}
+    assert set(rows) == {"BN", "BN+renorm", "BN+ghost", "BN+population"}
+    for row in rows.values():
+        assert row["batch_size"] == 4
+        assert_accuracies([row["final_accuracy"]])
+    curves = {curve.method: curve for curve in result["curves"]}
+    # the population curve is measured on the BN run, at the same steps
+    assert curves["BN+population"].steps == curves["BN"].steps
+    assert curves["BN"].steps[0] == 0 and len(curves["BN"].steps) == 3
+    assert_png(result["figure"])
+    assert {p.name for p in tmp_path.iterdir()} == {"small_batch.png", "small_batch.json"}
+    printed = capsys.readouterr().out
+    assert "| batch | no BN | BN | BN+renorm | BN+ghost | BN+population |" in printed
+    assert "Warning" not in printed and "WARNING" not in printed
+
+
+def test_small_batch_ghost_batch_sizes(examples):
+    module = examples("small_batch")
+    assert [module.ghost_batch_size(n) for n in (2, 4, 8, 32)] == [2, 2, 2, 8]
+    with pytest.raises(SystemExit):
+        module.parse_args(["--batch-sizes", "1"])
+    with pytest.raises(SystemExit):
+        module.parse_args(["--target", "1.5"])

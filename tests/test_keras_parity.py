@@ -104,6 +104,8 @@ def assert_matches_keras(
     x = _as_input(rng, shape, dtype, steps)
     inference = [layer(x, training=False) for layer in (ours, theirs)]
     assert inference[0].dtype == inference[1].dtype
+    # training=None (a plain call) is inference, as in Keras.
+    np.testing.assert_array_equal(ours(x).numpy(), inference[0].numpy())
     if expect != KEEPS_STATISTICS:
         _close(*inference, precision(inference[1].dtype), "inference output")
 

@@ -422,11 +422,16 @@ def test_config_round_trip():
     assert clone.axis == (1, 2)
 
 
-def test_keras_file_round_trip_keeps_population_state(tmp_path, rng):
+@pytest.mark.parametrize("bn_kwargs", [
+    {"statistics": "population"},
+    {"statistics": "population", "renorm": True, "virtual_batch_size": 5},
+    {"renorm": True, "renorm_clipping": {"rmax": 2.0, "dmax": 1.0}, "renorm_warmup_steps": 10},
+], ids=["population", "population_renorm_ghost", "renorm_warmup"])
+def test_keras_file_round_trip_keeps_the_state(tmp_path, rng, bn_kwargs):
     model = keras.Sequential([
         keras.Input((4, 4, 2)),
         keras.layers.Conv2D(3, 3, padding="same"),
-        kerasbn.BatchNormalization(statistics="population"),
+        kerasbn.BatchNormalization(**bn_kwargs),
     ])
     bn = model.layers[-1]
     _train_on(bn, [model.layers[0](b) for b in _batches(rng, 3, (5, 4, 4, 2))])
@@ -435,13 +440,32 @@ def test_keras_file_round_trip_keeps_population_state(tmp_path, rng):
     loaded = keras.saving.load_model(path)
     loaded_bn = loaded.layers[-1]
     assert isinstance(loaded_bn, kerasbn.BatchNormalization)
-    for name in ("moving_mean", "moving_variance", "population_count", "population_dof"):
-        np.testing.assert_array_equal(getattr(bn, name).numpy(), getattr(loaded_bn, name).numpy())
-    # The estimate continues where it stopped.
+    assert loaded_bn.get_config() == bn.get_config()
+    for ours, theirs in zip(bn.weights, loaded_bn.weights, strict=True):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy(), ours.name)
+    # Training continues where it stopped (population estimate, renorm statistics, warm-up).
     more = model.layers[0](_batches(rng, 1, (5, 4, 4, 2))[0])
-    bn(more, training=True)
-    loaded_bn(more, training=True)
-    np.testing.assert_allclose(bn.moving_variance.numpy(), loaded_bn.moving_variance.numpy())
+    np.testing.assert_array_equal(bn(more, training=True).numpy(),
+                                  loaded_bn(more, training=True).numpy())
+    for ours, theirs in zip(bn.weights, loaded_bn.weights, strict=True):
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-6, err_msg=ours.name)
+
+
+def test_population_mode_with_renorm_keeps_moving_stddev_consistent(rng):
+    """Population mode + renorm: Algorithm 2 for the inference statistics, moving_stddev =
+    √(variance + ε) with them, and the renorm statistics as moving averages."""
+    layer = kerasbn.BatchNormalization(statistics="population", renorm=True,
+                                       renorm_momentum=0.5)
+    batches = _batches(rng, 3, (8, 3))
+    _train_on(layer, batches)
+    stats = [reference.moments(x, (1,)) for x in batches]
+    variance = 8 / 7 * np.mean([s[1].reshape(-1) for s in stats], axis=0)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), variance, rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_stddev.numpy(), np.sqrt(variance + 1e-3), rtol=1e-5)
+    renorm_mean = np.zeros(3)
+    for mean, _, _ in stats:
+        renorm_mean = 0.5 * renorm_mean + 0.5 * mean.reshape(-1)
+    np.testing.assert_allclose(layer.renorm_mean.numpy(), renorm_mean, rtol=1e-5, atol=1e-6)
 
 
 def test_saved_model_export(tmp_path, rng):

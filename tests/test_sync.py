@@ -378,3 +378,28 @@ def test_synchronized_survives_the_config_round_trip():
     assert clone.synchronized is True
     serialized = keras.saving.serialize_keras_object(layer)
     assert keras.saving.deserialize_keras_object(serialized).synchronized is True
+
+
+def test_synchronized_stages_keep_float64(rng):
+    """The synchronized kernel's stages take float64 in float64, as the fused kernel does (run
+    in the default replica context, whose all-reduce over one replica is the identity)."""
+    x = tf.constant(1e4 + 1e-2 * rng.standard_normal((6, 3)), tf.float64)
+    gamma = tf.constant(rng.uniform(0.5, 2.0, (1, 3)), tf.float64)
+    beta = tf.constant(rng.standard_normal((1, 3)), tf.float64)
+    dy = tf.constant(rng.standard_normal((6, 3)), tf.float64)
+    results = []
+    for run in (
+        lambda: _sync.synchronized_batch_norm(
+            x, gamma, beta, reduction_axes=(0,), epsilon=1e-3,
+            replica_context=tf.distribute.get_replica_context(),
+        ),
+        lambda: kernel.fused_batch_norm(x, gamma, beta, reduction_axes=(0,), epsilon=1e-3),
+    ):
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            y, mean, variance, _ = run()
+            loss = tf.reduce_sum(y * dy)
+        results.append([y, mean, variance, *tape.gradient(loss, [x, gamma, beta])])
+    for synchronized, fused in zip(*results, strict=True):
+        assert synchronized.dtype == tf.float64
+        np.testing.assert_allclose(synchronized.numpy(), fused.numpy(), rtol=1e-12, atol=1e-12)
