@@ -319,24 +319,28 @@ class BatchNormalization(keras.layers.Layer):
             arguments["activation"] = self._fused_activation
         gamma = self._per_channel(self.gamma, 1.0, dtype)
         beta = self._per_channel(self.beta, 0.0, dtype)
-        if self.virtual_batch_size is not None:
-            inputs = self._checked_ghost_batches(inputs, weights)
-            outputs, mean, variance, count, dof = kernel.ghost_batch_norm(
-                inputs, gamma, beta, virtual_batch_size=self.virtual_batch_size, **arguments
-            )
-        else:
+        rule = self._update_rule()
+        state = {variable.name: variable.value for variable in self._statistics_variables()}
+        if synchronizing:
             # Only an unsynchronized batch must hold m > 1 itself: a replica's share may hold
-            # one.
-            if weights is None and not synchronizing:
-                self._check_batch_has_several_values(inputs.shape)
+            # one. The collectives run between compiled stages, so the update runs here.
             outputs, mean, variance, count = batch_norm(inputs, gamma, beta, **arguments)
-            dof = None
-        channel_shape = self.moving_mean.shape
-        moments = [
-            None if t is None else tf.cast(tf.reshape(t, channel_shape), self.moving_mean.dtype)
-            for t in (mean, variance, count, dof)
-        ]
-        self._update_statistics(*moments)
+            new_state, _ = rule(state, mean, variance, count)
+        else:
+            # The fused kernel computes the new statistics in its compiled forward.
+            arguments["update"] = kernel.StatisticsUpdate(rule, state)
+            if self.virtual_batch_size is not None:
+                inputs = self._checked_ghost_batches(inputs, weights)
+                outputs, new_state, _ = kernel.ghost_batch_norm(
+                    inputs, gamma, beta, virtual_batch_size=self.virtual_batch_size, **arguments
+                )
+            else:
+                if weights is None:
+                    self._check_batch_has_several_values(inputs.shape)
+                outputs, new_state, _ = kernel.fused_batch_norm(
+                    inputs, gamma, beta, **arguments
+                )
+        self._write_statistics(new_state)
         return outputs if fused else self._activate(outputs)
 
     def _check_batch_has_several_values(self, shape, what="batch"):
@@ -391,56 +395,30 @@ class BatchNormalization(keras.layers.Layer):
             rmin=rmin, rmax=rmax, dmax=dmax,
         )
 
-    def _update_statistics(self, mean, variance, count, dof=None):
-        """Every stored statistic's update from one batch, all or none (see `updates`)."""
-        new_values = []  # (variable, value): Keras variables overload ==, so no dict keys
-        accepted = []
-        stddev = updates.batch_stddev(
-            variance, count, epsilon=self.epsilon, unbiased_variance=self.unbiased_variance,
-            dof=dof,
+    def _update_rule(self):
+        return updates.UpdateRule(
+            statistics=self.statistics, momentum=self.momentum, epsilon=self.epsilon,
+            unbiased_variance=self.unbiased_variance,
+            renorm_momentum=self.renorm_momentum if self.renorm else None,
         )
-        if self.statistics == "population":
-            *state, ok = updates.population_update(
-                self.moving_mean.value, self.moving_variance.value,
-                self.population_count.value, self.population_dof.value,
-                mean, variance, count, dof,
+
+    def _statistics_variables(self):
+        """The stored statistics and counters `updates.UpdateRule` updates, those this layer
+        has."""
+        return [
+            v for v in (
+                self.moving_mean, self.moving_variance, self.moving_stddev, self.renorm_mean,
+                self.renorm_stddev, self.population_count, self.population_dof,
+                self.skipped_updates, self.renorm_step,
             )
-            accepted.append(ok)
-            new_values += zip(
-                (self.moving_mean, self.moving_variance, self.population_count,
-                 self.population_dof), state, strict=True,
-            )
-            if self.renorm:
-                new_values.append((self.moving_stddev, tf.sqrt(state[1] + self.epsilon)))
-        elif self.renorm:
-            *state, ok = updates.renorm_moving_average_update(
-                self.moving_mean.value, self.moving_stddev.value, self.moving_variance.value,
-                mean, stddev, count, momentum=self.momentum, epsilon=self.epsilon,
-            )
-            accepted.append(ok)
-            new_values += zip(
-                (self.moving_mean, self.moving_stddev, self.moving_variance), state, strict=True
-            )
-        else:
-            *state, ok = updates.moving_average_update(
-                self.moving_mean.value, self.moving_variance.value, mean, variance, count,
-                momentum=self.momentum, unbiased_variance=self.unbiased_variance, dof=dof,
-            )
-            accepted.append(ok)
-            new_values += zip((self.moving_mean, self.moving_variance), state, strict=True)
-        if self.renorm:
-            *state, ok = updates.moving_average_update(
-                self.renorm_mean.value, self.renorm_stddev.value, mean, stddev, count,
-                momentum=self.renorm_momentum, unbiased_variance=False,
-            )
-            accepted.append(ok)
-            new_values += zip((self.renorm_mean, self.renorm_stddev), state, strict=True)
-        accepted = tf.reduce_all(tf.stack(accepted))
-        for variable, value in new_values:
-            variable.assign(tf.where(accepted, value, variable.value))
-        self.skipped_updates.assign_add(tf.cast(tf.logical_not(accepted), "int64"))
-        if self.renorm_step is not None:
-            self.renorm_step.assign_add(1)
+            if v is not None
+        ]
+
+    def _write_statistics(self, new_state):
+        """The variable writes of one batch's update: all that is left outside the kernel
+        (values kept where the batch was not accepted, counters counted, by the rule)."""
+        for variable in self._statistics_variables():
+            variable.assign(new_state[variable.name])
 
     # --- state -----------------------------------------------------------------------------
 

@@ -268,6 +268,55 @@ def test_blockwise_sums_match_reference(monkeypatch, shape, axes):
     np.testing.assert_allclose(dbeta, ref_dbeta, rtol=1e-4, atol=1e-5 * _scale_of(ref_dbeta))
 
 
+@pytest.mark.parametrize("device,strategy", [
+    ("CPU", "blockwise"),
+    ("/device:CPU:0", "blockwise"),
+    ("/job:localhost/replica:0/task:0/device:CPU:0", "blockwise"),
+    ("cpu:0", "blockwise"),
+    ("GPU", "plain"),
+    ("/GPU:0", "plain"),
+    ("/job:worker/replica:0/task:1/device:GPU:1", "plain"),
+    ("/device:TPU:0", "plain"),
+])
+def test_blockwise_sums_only_on_a_cpu(device, strategy):
+    assert kernel.sums_strategy(device) == strategy
+
+
+def test_unplaced_kernel_follows_tensorflows_default_placement():
+    expected = "plain" if tf.config.list_logical_devices("GPU") else "blockwise"
+    assert kernel.sums_strategy("") == expected
+    assert kernel.sums_strategy("/job:localhost/replica:0/task:0") == expected
+
+
+@pytest.mark.parametrize("strategy,loops", [("blockwise", 2), ("plain", 0)])
+def test_the_kernel_sums_as_its_placement_says(monkeypatch, strategy, loops):
+    """The device of x decides: a large tensor takes one XLA loop in the forward and one in the
+    backward on a CPU, none elsewhere (the strategy is forced here: this machine has no GPU);
+    both give the reference's numbers."""
+    devices, traced_loops = [], []
+    monkeypatch.setattr(kernel, "sums_strategy", lambda d: devices.append(d) or strategy)
+    real_while_loop = tf.while_loop
+    monkeypatch.setattr(
+        tf, "while_loop", lambda *a, **k: traced_loops.append(1) or real_while_loop(*a, **k)
+    )
+    rng = np.random.default_rng(3)
+    # A shape of its own (over the blockwise threshold), so both passes are traced here.
+    shape = (9 + loops, 16, 16, 64)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    gamma = rng.uniform(0.5, 2.0, 64).astype(np.float32)
+    beta = rng.standard_normal(64).astype(np.float32)
+    with tf.device("/CPU:0"):
+        y, _, _, _, dx, _, _ = _run_fused(x, (3,), gamma, beta, dy, 1e-3)
+    assert kernel._device_type(devices[0]) == "CPU"
+    assert len(traced_loops) == loops
+    ref_y, *_ = reference.forward(x, gamma, beta, (3,), 1e-3)
+    ref_dx, _, _ = reference.backward(x, gamma, dy, (3,), 1e-3)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-4, atol=1e-4 * _scale_of(ref_y))
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-3, atol=1e-5 * _dx_term_scale(
+        x, gamma, dy, (3,), 1e-3))
+
+
 # --- Batch Renormalization and ghost batches ---------------------------------------------------
 
 
