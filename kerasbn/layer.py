@@ -160,8 +160,9 @@ class BatchNormalization(keras.layers.Layer):
         self.renorm = bool(renorm)
         self.renorm_clipping = renorm_clipping
         self.renorm_momentum = float(renorm_momentum)
-        self.renorm_warmup_steps = renorm_warmup_steps
-        self.virtual_batch_size = virtual_batch_size
+        # Plain ints (not NumPy's), so that the config serializes.
+        self.renorm_warmup_steps = _optional_int(renorm_warmup_steps)
+        self.virtual_batch_size = _optional_int(virtual_batch_size)
         self.synchronized = bool(synchronized)
         self.statistics = statistics
         self.unbiased_variance = bool(unbiased_variance)
@@ -580,7 +581,12 @@ def _checked_renorm_clipping(renorm_clipping):
             "dmax should be non-negative in the `renorm_clipping` argument. "
             f"Received: dmax={dmax}."
         )
-    return renorm_clipping
+    # Plain floats (not NumPy's), so that the config serializes.
+    return {key: None if value is None else float(value) for key, value in renorm_clipping.items()}
+
+
+def _optional_int(value):
+    return None if value is None else int(value)
 
 
 def _check_renorm_warmup(steps, renorm, renorm_clipping):

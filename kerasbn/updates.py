@@ -158,7 +158,8 @@ class UpdateRule:
         renorm = self.renorm_momentum is not None
         new = {}
         accepted = []
-        stddev = batch_stddev(
+        # σ_B only for renorm, which averages it.
+        stddev = None if not renorm else batch_stddev(
             variance, count, epsilon=self.epsilon, unbiased_variance=self.unbiased_variance,
             dof=dof,
         )

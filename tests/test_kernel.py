@@ -418,3 +418,47 @@ def test_fully_masked_batch_is_finite_as_in_keras():
     np.testing.assert_array_equal(variance, 0.0)
     np.testing.assert_allclose(y, x / 0.1 * 2.0 + 1.0, rtol=1e-6)
     np.testing.assert_allclose(dx, np.full_like(x, 20.0), rtol=1e-6)
+
+
+def test_masked_ghost_batches_are_masked_batches_side_by_side():
+    """With a mask, each group is the masked BN of its own rows (forward and backward), one
+    group entirely masked included; the pooled statistics count only unmasked values."""
+    rng = np.random.default_rng(6)
+    x = (3.0 + 2.0 * rng.standard_normal((6, 5, 2))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    mask = (rng.uniform(size=(6, 5, 1)) < 0.6).astype(np.float32)
+    mask[0, :2] = mask[4, :2] = 1.0
+    mask[2:4] = 0.0  # the second group of two rows: nothing counted
+    gamma = _keepdims(np.array([1.5, 0.5]), 3, (2,))
+    beta = _keepdims(np.array([0.2, -1.0]), 3, (2,))
+
+    def run(batch_norm, rows):
+        x_t = tf.constant(x[rows])
+        with tf.GradientTape() as tape:
+            tape.watch([x_t, gamma, beta])
+            y, *statistics = batch_norm(x_t, tf.constant(mask[rows]))
+            loss = tf.reduce_sum(y * dy[rows])
+        return y.numpy(), [g.numpy() for g in tape.gradient(loss, [x_t, gamma, beta])], statistics
+
+    y, grads, (mean, variance, count, dof) = run(
+        lambda x_t, w: kernel.ghost_batch_norm(x_t, gamma, beta, virtual_batch_size=2,
+                                               reduction_axes=(0, 1), epsilon=1e-3, weights=w),
+        slice(None),
+    )
+    groups = [run(lambda x_t, w: kernel.fused_batch_norm(x_t, gamma, beta, reduction_axes=(0, 1),
+                                                         epsilon=1e-3, weights=w),
+                  slice(i, i + 2)) for i in (0, 2, 4)]
+    np.testing.assert_allclose(y, np.concatenate([g[0] for g in groups]), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(grads[0], np.concatenate([g[1][0] for g in groups]), rtol=1e-5,
+                               atol=1e-5)
+    for i in (1, 2):  # γ and β are shared: their gradients add up over the groups
+        np.testing.assert_allclose(grads[i], sum(g[1][i] for g in groups), rtol=1e-5, atol=1e-5)
+    assert np.all(np.isfinite(y)) and all(np.all(np.isfinite(g)) for g in grads)
+    counts = np.array([mask[i:i + 2].sum() for i in (0, 2, 4)])
+    np.testing.assert_array_equal(count.numpy().reshape(-1), [counts.sum()] * 2)
+    np.testing.assert_array_equal(dof.numpy().reshape(-1), [(counts[counts > 0] - 1).sum()] * 2)
+    ref_mean, ref_var, _ = reference.moments(x, (2,), mask)
+    np.testing.assert_allclose(mean.numpy().reshape(-1), ref_mean.reshape(-1), rtol=1e-5)
+    within = sum(c * g[2][1].numpy().reshape(-1) for c, g in zip(counts, groups, strict=True))
+    np.testing.assert_allclose(variance.numpy().reshape(-1), within / counts.sum(), rtol=1e-5)
+    assert np.all(variance.numpy() < ref_var)  # within-group, not the whole batch's

@@ -2,6 +2,8 @@
 
 import kerasbn
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -409,6 +411,16 @@ def test_bad_axis_for_input_is_refused_at_build(axis, shape, message):
 
 
 # --- serialization --------------------------------------------------------------------------
+
+
+def test_numpy_arguments_give_a_serializable_config():
+    layer = kerasbn.BatchNormalization(
+        renorm=np.bool_(True), renorm_clipping={"rmax": np.float32(2.0), "dmax": np.int64(1)},
+        renorm_warmup_steps=np.int64(5), virtual_batch_size=np.int32(4),
+    )
+    config = layer.get_config()
+    assert json.loads(json.dumps(config)) == config
+    assert config["renorm_clipping"] == {"rmax": 2.0, "dmax": 1.0}
 
 
 def test_config_round_trip():
