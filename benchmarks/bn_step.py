@@ -148,16 +148,22 @@ def xla_pass_seconds(x, args):
 
 
 def check_agreement(training, x, upstream):
-    """All variants compute the same gradients (else the timings compare different things)."""
+    """All variants compute the same gradients (else the timings compare different things).
+
+    Compared as ‖a − b‖/‖a‖ per gradient: with a ReLU, a BN output that rounds to either side
+    of 0 in two implementations flips the derivative of that one element (seen for Keras BN +
+    ReLU under XLA at (32,56,56,64)), a measure-zero difference that a largest-element
+    comparison would report as a disagreement of the whole tensor.
+    """
     results = {name: [t.numpy() for t in step(x, upstream)] for name, step in training.items()}
     worst = 0.0
     for name, grads in results.items():
         reference = results["kerasbn relu" if "relu" in name.lower() else "kerasbn"]
         for ours, theirs in zip(reference, grads, strict=True):
-            scale = np.max(np.abs(ours)) + 1e-12
-            worst = max(worst, float(np.max(np.abs(ours - theirs.reshape(ours.shape))) / scale))
+            difference = np.linalg.norm(ours - theirs.reshape(ours.shape))
+            worst = max(worst, float(difference / (np.linalg.norm(ours) + 1e-12)))
     if worst > 1e-3:
-        raise RuntimeError(f"variants disagree: max relative gradient difference {worst:.2e}")
+        raise RuntimeError(f"variants disagree: relative gradient difference {worst:.2e}")
     return worst
 
 
@@ -239,7 +245,7 @@ def run_shape(label, shape, args):
         f"{TRAINING_TRANSFERS} transfers\n    at that rate would take "
         f"{_timing.format_ms(xla_pass * TRAINING_TRANSFERS / 2).strip()}"
     )
-    print(f"  gradients of all variants agree to {worst:.1e} (relative)")
+    print(f"  gradients of all variants agree to {worst:.1e} (‖a − b‖/‖a‖)")
 
     timed = {name: (lambda s=step: s(x, upstream)) for name, step in training.items()}
     times = _timing.interleaved_times(timed, repeats=args.repeats, warmup=args.warmup,
