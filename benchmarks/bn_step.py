@@ -150,21 +150,27 @@ def xla_pass_seconds(x, args):
 def check_agreement(training, x, upstream):
     """All variants compute the same gradients (else the timings compare different things).
 
-    Compared as ‖a − b‖/‖a‖ per gradient: with a ReLU, a BN output that rounds to either side
-    of 0 in two implementations flips the derivative of that one element (seen for Keras BN +
-    ReLU under XLA at (32,56,56,64)), a measure-zero difference that a largest-element
-    comparison would report as a disagreement of the whole tensor.
+    Elementwise, to 1e-3 of the tensor's largest value, except at most one element in 10⁵:
+    with a ReLU, a BN output that rounds to either side of 0 in two implementations flips the
+    derivative of that element (one of 6.4 million for Keras BN + ReLU under XLA at
+    (32,56,56,64)), a measure-zero difference, not a different computation. Returns (the
+    largest relative difference elsewhere, the number of such flipped elements).
     """
     results = {name: [t.numpy() for t in step(x, upstream)] for name, step in training.items()}
-    worst = 0.0
+    worst, flipped = 0.0, 0
     for name, grads in results.items():
         reference = results["kerasbn relu" if "relu" in name.lower() else "kerasbn"]
         for ours, theirs in zip(reference, grads, strict=True):
-            difference = np.linalg.norm(ours - theirs.reshape(ours.shape))
-            worst = max(worst, float(difference / (np.linalg.norm(ours) + 1e-12)))
-    if worst > 1e-3:
-        raise RuntimeError(f"variants disagree: relative gradient difference {worst:.2e}")
-    return worst
+            difference = np.abs(ours - theirs.reshape(ours.shape)) / (np.max(np.abs(ours)) + 1e-12)
+            outliers = difference > 1e-3
+            if outliers.sum() > max(1, ours.size // 100_000):
+                raise RuntimeError(
+                    f"{name} disagrees with kerasbn: {outliers.sum()} of {ours.size} gradient "
+                    f"elements differ by more than 1e-3 of the largest"
+                )
+            flipped += int(outliers.sum())
+            worst = max(worst, float(np.max(np.where(outliers, 0.0, difference))))
+    return worst, flipped
 
 
 # --- reporting ------------------------------------------------------------------------------
@@ -213,7 +219,7 @@ def run_shape(label, shape, args):
     x = tf.constant(rng.normal(1.0, 2.0, shape).astype(np.float32))
     upstream = tf.constant(rng.normal(0.0, 1.0, shape).astype(np.float32))
     training, inference = build_variants(shape)
-    worst = check_agreement(training, x, upstream)
+    worst, flipped = check_agreement(training, x, upstream)
 
     nbytes = x.numpy().nbytes
     bandwidth, threads = _timing.best_copy_bandwidth(nbytes)
@@ -245,7 +251,8 @@ def run_shape(label, shape, args):
         f"{TRAINING_TRANSFERS} transfers\n    at that rate would take "
         f"{_timing.format_ms(xla_pass * TRAINING_TRANSFERS / 2).strip()}"
     )
-    print(f"  gradients of all variants agree to {worst:.1e} (‖a − b‖/‖a‖)")
+    print(f"  gradients of all variants agree to {worst:.1e} (relative to the largest)"
+          + (f", but for {flipped} element(s) at a ReLU kink" if flipped else ""))
 
     timed = {name: (lambda s=step: s(x, upstream)) for name, step in training.items()}
     times = _timing.interleaved_times(timed, repeats=args.repeats, warmup=args.warmup,
