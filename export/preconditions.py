@@ -157,10 +157,17 @@ def bn_activation(bn):
     return getattr(bn, "activation", keras.activations.linear)
 
 
+def _nonlinear_activation_name(layer):
+    """The name of `layer`'s activation, or None when it has none or a linear one."""
+    activation = getattr(layer, "activation", keras.activations.linear)
+    if activation is keras.activations.linear:
+        return None
+    return getattr(activation, "__name__", repr(activation))
+
+
 def bn_linear_activation(site):
-    activation = bn_activation(site.bn)
-    if activation is not keras.activations.linear:
-        name = getattr(activation, "__name__", repr(activation))
+    name = _nonlinear_activation_name(site.bn)
+    if name:
         return (
             f"it applies the activation '{name}' after normalizing, and a multiply-add cannot "
             "be moved forward through a nonlinearity"
@@ -169,9 +176,8 @@ def bn_linear_activation(site):
 
 
 def linear_activation(site):
-    activation = getattr(site.layer, "activation", keras.activations.linear)
-    if activation is not keras.activations.linear:
-        name = getattr(activation, "__name__", repr(activation))
+    name = _nonlinear_activation_name(site.layer)
+    if name:
         return (
             f"'{site.layer.name}' applies the activation '{name}' before the BN, and a "
             "nonlinearity cannot be moved through"
