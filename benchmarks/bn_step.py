@@ -9,6 +9,8 @@ broadcast backward), which belong to no BN implementation.
 Variants, each as a `tf.function` with and without `jit_compile` around the whole step:
     kerasbn            kerasbn.BatchNormalization (its kernel is XLA-compiled either way)
     keras              keras.layers.BatchNormalization
+    kerasbn relu       kerasbn.BatchNormalization(activation="relu"): BN→ReLU in the kernel
+    keras +ReLU        keras.layers.BatchNormalization then keras.layers.ReLU
     fused_batch_norm   tf.compat.v1.nn.fused_batch_norm, updating its own moving averages with
                        the kernel's `exponential_avg_factor` (as TF-Keras 2 did), so it pays for
                        a statistics update like the layers do. It only takes 4-D input: the
@@ -35,7 +37,14 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing  # noqa: E402  (a sibling file, not an installed module)
 
-SHAPES = {"NHWC conv (32,56,56,64)": (32, 56, 56, 64), "dense (256,1024)": (256, 1024)}
+SHAPES = {
+    "NHWC conv (32,56,56,64)": (32, 56, 56, 64),
+    # The BN tensors of a small ResNet at batch 64 (benchmarks/model_step.py): 1–4 MiB.
+    "NHWC conv (64,32,32,16)": (64, 32, 32, 16),
+    "NHWC conv (64,16,16,32)": (64, 16, 16, 32),
+    "NHWC conv (64,8,8,64)": (64, 8, 8, 64),
+    "dense (256,1024)": (256, 1024),
+}
 MOMENTUM = 0.99
 EPSILON = 1e-3
 
@@ -99,14 +108,22 @@ def build_variants(shape):
     channels = shape[-1]
     ours = kerasbn.BatchNormalization(momentum=MOMENTUM, epsilon=EPSILON)
     theirs = keras.layers.BatchNormalization(momentum=MOMENTUM, epsilon=EPSILON)
+    ours_relu = kerasbn.BatchNormalization(momentum=MOMENTUM, epsilon=EPSILON, activation="relu")
+    theirs_then_relu = keras.layers.BatchNormalization(momentum=MOMENTUM, epsilon=EPSILON)
+    relu = keras.layers.ReLU()
     fused = FusedBatchNorm(channels)
-    for layer in (ours, theirs):
+    for layer in (ours, theirs, ours_relu, theirs_then_relu):
         layer.build(shape)
+
+    def keras_bn_relu(x):
+        return relu(theirs_then_relu(x, training=True))
 
     implementations = {
         "kerasbn": (layer_forward(ours, True), [ours.gamma, ours.beta]),
         "keras": (layer_forward(theirs, True), [theirs.gamma, theirs.beta]),
         "fused_batch_norm": (fused, [fused.gamma, fused.beta]),
+        "kerasbn relu": (layer_forward(ours_relu, True), [ours_relu.gamma, ours_relu.beta]),
+        "keras +ReLU": (keras_bn_relu, [theirs_then_relu.gamma, theirs_then_relu.beta]),
     }
     training = {}
     for name, (forward, params) in implementations.items():
@@ -131,17 +148,29 @@ def xla_pass_seconds(x, args):
 
 
 def check_agreement(training, x, upstream):
-    """All variants compute the same gradients (else the timings compare different things)."""
+    """All variants compute the same gradients (else the timings compare different things).
+
+    Elementwise, to 1e-3 of the tensor's largest value, except at most one element in 10⁵:
+    with a ReLU, a BN output that rounds to either side of 0 in two implementations flips the
+    derivative of that element (one of 6.4 million for Keras BN + ReLU under XLA at
+    (32,56,56,64)), a measure-zero difference, not a different computation. Returns (the
+    largest relative difference elsewhere, the number of such flipped elements).
+    """
     results = {name: [t.numpy() for t in step(x, upstream)] for name, step in training.items()}
-    reference = results["kerasbn"]
-    worst = 0.0
-    for grads in results.values():
+    worst, flipped = 0.0, 0
+    for name, grads in results.items():
+        reference = results["kerasbn relu" if "relu" in name.lower() else "kerasbn"]
         for ours, theirs in zip(reference, grads, strict=True):
-            scale = np.max(np.abs(ours)) + 1e-12
-            worst = max(worst, float(np.max(np.abs(ours - theirs.reshape(ours.shape))) / scale))
-    if worst > 1e-3:
-        raise RuntimeError(f"variants disagree: max relative gradient difference {worst:.2e}")
-    return worst
+            difference = np.abs(ours - theirs.reshape(ours.shape)) / (np.max(np.abs(ours)) + 1e-12)
+            outliers = difference > 1e-3
+            if outliers.sum() > max(1, ours.size // 100_000):
+                raise RuntimeError(
+                    f"{name} disagrees with kerasbn: {outliers.sum()} of {ours.size} gradient "
+                    f"elements differ by more than 1e-3 of the largest"
+                )
+            flipped += int(outliers.sum())
+            worst = max(worst, float(np.max(np.where(outliers, 0.0, difference))))
+    return worst, flipped
 
 
 # --- reporting ------------------------------------------------------------------------------
@@ -153,7 +182,9 @@ def print_table(title, times, *, floor):
     print(f"\n  {title}")
     print(f"  {'variant':<24}{'median':>12}{'IQR':>6}{'CPU':>13}{'÷ floor':>9}{'÷ kerasbn':>11}")
     for name, samples in times.items():
-        ours = times["kerasbn +jit" if name.endswith("+jit") else "kerasbn"].median
+        # BN+ReLU variants against kerasbn's fused BN+ReLU, the others against plain kerasbn.
+        base = "kerasbn relu" if "relu" in name.lower() else "kerasbn"
+        ours = times[f"{base} +jit" if name.endswith("+jit") else base].median
         print(
             f"  {name:<24}{_timing.format_ms(samples.median)}{samples.spread:>6.0%}"
             f"{_timing.format_ms(samples.cpu_median)}{samples.median / floor:>9.2f}"
@@ -167,8 +198,12 @@ def print_targets(times, floor):
     targets = [
         ("≥4× faster than Keras BN under XLA (both steps jit)",
          t["keras +jit"] / t["kerasbn +jit"], lambda r: r >= 4.0, "×"),
-        ("≥2× faster than Keras BN without XLA (both steps plain)",
-         t["keras"] / t["kerasbn"], lambda r: r >= 2.0, "×"),
+        ("≥2.5× faster than Keras BN without XLA (both steps plain)",
+         t["keras"] / t["kerasbn"], lambda r: r >= 2.5, "×"),
+        ("BN+ReLU ≥2.5× faster than Keras BN + ReLU without XLA",
+         t["keras +ReLU"] / t["kerasbn relu"], lambda r: r >= 2.5, "×"),
+        ("BN+ReLU ≥2× faster than Keras BN + ReLU under XLA",
+         t["keras +ReLU +jit"] / t["kerasbn relu +jit"], lambda r: r >= 2.0, "×"),
         ("no slower than fused_batch_norm (both steps plain)",
          t["fused_batch_norm"] / t["kerasbn"], lambda r: r >= 1.0, "×"),
         ("within 1.5× of the floor (faster kerasbn step)",
@@ -184,7 +219,7 @@ def run_shape(label, shape, args):
     x = tf.constant(rng.normal(1.0, 2.0, shape).astype(np.float32))
     upstream = tf.constant(rng.normal(0.0, 1.0, shape).astype(np.float32))
     training, inference = build_variants(shape)
-    worst = check_agreement(training, x, upstream)
+    worst, flipped = check_agreement(training, x, upstream)
 
     nbytes = x.numpy().nbytes
     bandwidth, threads = _timing.best_copy_bandwidth(nbytes)
@@ -216,7 +251,8 @@ def run_shape(label, shape, args):
         f"{TRAINING_TRANSFERS} transfers\n    at that rate would take "
         f"{_timing.format_ms(xla_pass * TRAINING_TRANSFERS / 2).strip()}"
     )
-    print(f"  gradients of all variants agree to {worst:.1e} (relative)")
+    print(f"  gradients of all variants agree to {worst:.1e} (relative to the largest)"
+          + (f", but for {flipped} element(s) at a ReLU kink" if flipped else ""))
 
     timed = {name: (lambda s=step: s(x, upstream)) for name, step in training.items()}
     times = _timing.interleaved_times(timed, repeats=args.repeats, warmup=args.warmup,
@@ -233,6 +269,10 @@ def run_shape(label, shape, args):
 
 def main(argv=None):
     parser = _timing.benchmark_parser(__doc__.split("\n\n")[0], default_repeats=25)
+    parser.add_argument(
+        "--shapes", nargs="+", choices=[shape_key(s) for s in SHAPES.values()], default=None,
+        help="run only these shapes, e.g. 32x56x56x64 (default: all)",
+    )
     args = parser.parse_args(argv)
     # Each variant is its own tf.function around the same Python step, which TensorFlow's
     # retracing warning counts as retracing: expected here, so keep it out of the tables.
@@ -256,8 +296,13 @@ def main(argv=None):
         "setting (> 1: kerasbn is faster)."
     )
     for label, shape in SHAPES.items():
-        run_shape(label, shape, args)
+        if args.shapes is None or shape_key(shape) in args.shapes:
+            run_shape(label, shape, args)
     return 0
+
+
+def shape_key(shape):
+    return "x".join(map(str, shape))
 
 
 if __name__ == "__main__":

@@ -24,30 +24,36 @@ import keras
 @dataclasses.dataclass(frozen=True)
 class FoldPlan:
     """records: FoldRecords in topological order; removed: ids of BN layers folded away;
-    weights: id of a layer → {variable name: new value}."""
+    weights: id of a layer → {variable name: new value}; activations: id of a producer → the
+    serialized activation of the BN folded into it, which it applies from now on."""
 
     records: tuple
     removed: frozenset
     weights: dict
+    activations: dict = dataclasses.field(default_factory=dict)
 
 
 def plan_folds(model):
     """The `FoldPlan` of a built Sequential or Functional `model`; changes nothing."""
     planner = _Planner(model)
-    return FoldPlan(tuple(planner.records), frozenset(planner.removed), planner.weights)
+    return FoldPlan(
+        tuple(planner.records), frozenset(planner.removed), planner.weights, planner.activations
+    )
 
 
 class _Planner:
     """Decides the fate of every BN call of a model; computes the folded weights.
 
     After construction: `records` (FoldRecords, in topological order), `removed` (ids of BN
-    layers folded away) and `weights` (id of a layer → {variable name: new value}).
+    layers folded away), `weights` (id of a layer → {variable name: new value}) and
+    `activations` (id of a producer → the activation it takes over from its BN).
     """
 
     def __init__(self, model):
         self.records = []
         self.removed = set()
         self.weights = {}
+        self.activations = {}
         model_graphs = graphs(model)
         self.calls = collections.Counter(
             id(node.operation) for _, graph in model_graphs for node in graph.nodes
@@ -110,7 +116,12 @@ class _Planner:
             channel_axis=layout.channel_axis,
             **_bn_arguments(site.bn),
         )
-        return self._commit(site, values, layout.kernel, kernel, bias)
+        refusal = self._commit(site, values, layout.kernel, kernel, bias)
+        # P had a linear activation (check 6): it now applies the BN's, as BN(relu) did.
+        activation = checks.bn_activation(site.bn)
+        if not refusal and activation is not keras.activations.linear:
+            self.activations[id(site.layer)] = keras.activations.serialize(activation)
+        return refusal
 
     def _fold_forward(self, site):
         """Check 19: fold into the consumer; None on success, else why not."""

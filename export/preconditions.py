@@ -16,7 +16,8 @@ the code and its grid of refusal cases stay in step.
     4. `bn_single_axis`: it normalizes a single axis (a kerasbn BN with several axes has no
        channel to fold on);
     5. `bn_finite`: γ, β, mean and variance are finite and variance + ε > 0.
-    Folding backward into the producer P (a class in `layouts.PRODUCER_LAYOUTS`):
+    Folding backward into the producer P (a class in `layouts.PRODUCER_LAYOUTS`); a BN with
+    an activation (kerasbn's `activation`) hands it over to P, which then applies it:
     6. `linear_activation`: P's activation is linear;
     7. `plain_kernel`: P's kernel is a plain float kernel (no LoRA, not quantized);
     8. `neighbour_called_once`: P is called once in the model (not shared);
@@ -29,14 +30,16 @@ the code and its grid of refusal cases stay in step.
         its bias on the last axis, so a folded bias would land on the wrong axis);
     12. `folded_weights_finite`: the folded kernel and bias are finite in P's dtype.
     Folding forward into the consumer C, when P is not foldable or a check 6–12 failed:
-    13. `bn_feeds_only_consumer`: the BN's output feeds one layer C, and is not a model output;
-    14. `consumer_is_foldable`: C is a Dense, or a Conv1D/2D/3D with padding="valid" (with zero
+    13. `bn_linear_activation`: the BN applies no activation (kerasbn's `activation`): the
+        multiply-add would have to move through the nonlinearity between the BN and C;
+    14. `bn_feeds_only_consumer`: the BN's output feeds one layer C, and is not a model output;
+    15. `consumer_is_foldable`: C is a Dense, or a Conv1D/2D/3D with padding="valid" (with zero
         padding, the borders would see 0 instead of t: not exact); exact classes;
-    15. `plain_kernel`: C's kernel is plain, as in 7;
-    16. `neighbour_called_once`: C is called once in the model;
-    17. `consumer_channel_axis`: the BN's axis is C's input channel axis;
-    18. `bias_on_channels`: C's bias is added on its channel axis, as in 11;
-    19. `folded_weights_finite`: the folded kernel and bias are finite in C's dtype.
+    16. `plain_kernel`: C's kernel is plain, as in 7;
+    17. `neighbour_called_once`: C is called once in the model;
+    18. `consumer_channel_axis`: the BN's axis is C's input channel axis;
+    19. `bias_on_channels`: C's bias is added on its channel axis, as in 11;
+    20. `folded_weights_finite`: the folded kernel and bias are finite in C's dtype.
 
 A BN with no foldable producer and no foldable consumer is "kept": it stays, in inference one
 per-channel multiply-add. A BN whose producer was foldable in kind but failed a check, and that
@@ -149,10 +152,32 @@ def bn_finite(site):
 # --- 6–11 and 14–18: the neighbour -------------------------------------------------------------
 
 
+def bn_activation(bn):
+    """The BN's activation function, linear for Keras's BN (which has none)."""
+    return getattr(bn, "activation", keras.activations.linear)
+
+
+def _nonlinear_activation_name(layer):
+    """The name of `layer`'s activation, or None when it has none or a linear one."""
+    activation = getattr(layer, "activation", keras.activations.linear)
+    if activation is keras.activations.linear:
+        return None
+    return getattr(activation, "__name__", repr(activation))
+
+
+def bn_linear_activation(site):
+    name = _nonlinear_activation_name(site.bn)
+    if name:
+        return (
+            f"it applies the activation '{name}' after normalizing, and a multiply-add cannot "
+            "be moved forward through a nonlinearity"
+        )
+    return None
+
+
 def linear_activation(site):
-    activation = getattr(site.layer, "activation", keras.activations.linear)
-    if activation is not keras.activations.linear:
-        name = getattr(activation, "__name__", repr(activation))
+    name = _nonlinear_activation_name(site.layer)
+    if name:
         return (
             f"'{site.layer.name}' applies the activation '{name}' before the BN, and a "
             "nonlinearity cannot be moved through"
@@ -303,6 +328,7 @@ PRODUCER_CHECKS = (
     bias_on_channels,
 )
 CONSUMER_CHECKS = (
+    bn_linear_activation,
     bn_feeds_only_consumer,
     consumer_is_foldable,
     plain_kernel,
@@ -310,7 +336,7 @@ CONSUMER_CHECKS = (
     consumer_channel_axis,
     bias_on_channels,
 )
-# The numbered list of the module docstring, 1 to 19.
+# The numbered list of the module docstring, 1 to 20.
 PRECONDITIONS = (
     *BN_CHECKS,
     *PRODUCER_CHECKS,

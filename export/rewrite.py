@@ -74,6 +74,8 @@ class _Rebuilder:
         config = layer.get_config()
         if id(layer) in self.plan.weights:
             config["use_bias"] = True  # a fold always gives the layer a bias
+        if id(layer) in self.plan.activations:
+            config["activation"] = self.plan.activations[id(layer)]
         try:
             new = _keras_compat.layer_from_config(type(layer), config)
         except Exception as error:  # noqa: BLE001  (from_config raises whatever a layer raises)

@@ -38,12 +38,17 @@ Batch Renormalization (Ioffe, 2017; `Renorm`, `renorm_correction`): y = γ·(r·
 r, d per channel from the batch moments and the renorm statistics, constants of the step. The
 backward is the plain one with γ·r in place of γ, and ∂ℓ/∂γ = r·Σg·x̂ + d·Σg.
 
+Fused activation (`activation`, see `kerasbn.activation`): y = f(z) for the BN output z, in the
+same pass; the backward applies g = dy·f′(z) first, z recomputed from x, then BN's closed form.
+
 Ghost batches (`ghost_batch_norm`): a free reshape (N, ...) → (N/k, k, ...) makes the group a
 leading non-reduced axis, so the same two XLA functions normalize every group with its own
 moments; γ and β are shared, so their gradients are the per-group sums added up (`_sum_to`).
 """
 
 from __future__ import annotations
+
+from kerasbn.activation import FUSED
 
 from typing import NamedTuple
 
@@ -78,7 +83,28 @@ def _leading_run(reduction_axes):
     return run
 
 
-def _per_channel_sums(terms, full, per_channel, reduction_axes):
+def _device_type(device):
+    """"CPU", "GPU", ... of a TensorFlow device string ("/job:w/replica:0/task:0/device:GPU:0",
+    "/GPU:0", "cpu:0", "CPU"), or None when it names no device (TensorFlow then places)."""
+    for part in reversed(device.split("/")):
+        kind = part.removeprefix("device:").split(":")[0].upper()
+        if kind and kind not in ("JOB", "REPLICA", "TASK"):
+            return kind
+    return None
+
+
+def sums_strategy(device):
+    """How the kernel takes per-channel sums when placed on `device` (a device string, "" for
+    TensorFlow's default placement, which is a GPU when one is visible): "blockwise", the
+    `_per_channel_sums` loop that works around XLA:CPU's materialized reduction operands, on a
+    CPU; "plain" reductions anywhere else, where XLA emits fused reductions itself."""
+    kind = _device_type(device or "")
+    if kind is None:
+        kind = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+    return "blockwise" if kind == "CPU" else "plain"
+
+
+def _per_channel_sums(terms, full, per_channel, reduction_axes, blockwise=True):
     """[Σ t over `reduction_axes` (keepdims) for t in terms(*full, *per_channel)], in a loop.
 
     `full` are tensors of x's shape, `per_channel` keepdims-shaped tensors or Python numbers,
@@ -87,8 +113,9 @@ def _per_channel_sums(terms, full, per_channel, reduction_axes):
     writes (x−k)² to memory as a whole tensor and then reads it back, and each extra term
     does the same. Summing blocks of rows along the leading reduction axes in an XLA while loop
     keeps those temporaries in cache, so the data is read from memory once, as the formulas
-    intend. Small tensors, inputs whose first axis is not reduced and dimensions after the
-    leading run that are unknown at trace time take the plain path. Meant to run under XLA
+    intend. Only on a CPU (`blockwise`, from `sums_strategy`). Small tensors, inputs whose first
+    axis is not reduced and dimensions after the leading run that are unknown at trace time
+    take the plain path. Meant to run under XLA
     (every caller in kerasbn is compiled); eagerly the loop is a Python loop.
 
     The sums are statistics, never differentiated (kerasbn's backward pass is the closed form,
@@ -104,7 +131,7 @@ def _per_channel_sums(terms, full, per_channel, reduction_axes):
     lead = _leading_run(reduction_axes)
     row_shape = shape[lead:]
     small = shape.is_fully_defined() and shape.num_elements() * 4 < _BLOCKWISE_MIN_BYTES
-    if lead == 0 or small or not row_shape.is_fully_defined():
+    if not blockwise or lead == 0 or small or not row_shape.is_fully_defined():
         return [tf.reduce_sum(t, reduction_axes, keepdims=True) for t in terms(*full, *per_channel)]
 
     # Collapse the leading reduction axes into one axis of rows (a free reshape); per-channel
@@ -194,7 +221,7 @@ def value_count(x, reduction_axes, weights=None):
     return tf.reduce_sum(weights, reduction_axes, keepdims=True)
 
 
-def shifted_sums(x, shift, reduction_axes, weights=None):
+def shifted_sums(x, shift, reduction_axes, weights=None, *, blockwise=True):
     """Per-channel (S1, S2) = (Σw·(x−k), Σw·(x−k)²): the sums that add up across replicas."""
     if weights is not None:
         d = x - shift
@@ -208,7 +235,7 @@ def shifted_sums(x, shift, reduction_axes, weights=None):
         d = x - shift
         return d, d * d
 
-    return tuple(_per_channel_sums(terms, [x], [shift], reduction_axes))
+    return tuple(_per_channel_sums(terms, [x], [shift], reduction_axes, blockwise))
 
 
 def centered_moments(count, sum_shifted, sum_sq_shifted):
@@ -262,28 +289,48 @@ def normalized(x, mean, inv_std, shift=0.0):
     return ((_as_statistics_dtype(x) - shift) - mean) * inv_std
 
 
-def gradient_sums(dy, x, mean, inv_std, reduction_axes, *, shift=0.0):
+def _bn_output_gradient(dy, x_hat, activation, scale, offset):
+    """g = ∂ℓ/∂z for the BN output z = x̂·scale + offset: dy itself, or with a fused
+    activation a = f(z), dy·f′(z) (`kerasbn.activation`), z recomputed from x̂."""
+    g = _as_statistics_dtype(dy)
+    if activation is None:
+        return g
+    return g * FUSED[activation].derivative(x_hat * scale + offset)
+
+
+def gradient_sums(
+    dy, x, mean, inv_std, reduction_axes, *, shift=0.0, activation=None, scale=1.0, offset=0.0,
+    blockwise=True,
+):
     """Per-channel (Σg, Σg·x̂) = (∂ℓ/∂β, ∂ℓ/∂γ): the sums the backward pass needs.
 
-    `mean` is relative to `shift` (see `normalized`).
+    `mean` is relative to `shift` (see `normalized`). With a fused `activation`, dy is the
+    gradient of its output and g = dy·f′(x̂·scale + offset).
     """
 
-    def terms(dy, x, mean, inv_std, shift):
-        g = _as_statistics_dtype(dy)
-        return g, g * normalized(x, mean, inv_std, shift)
+    def terms(dy, x, mean, inv_std, shift, scale, offset):
+        x_hat = normalized(x, mean, inv_std, shift)
+        g = _bn_output_gradient(dy, x_hat, activation, scale, offset)
+        return g, g * x_hat
 
-    return tuple(_per_channel_sums(terms, [dy, x], [mean, inv_std, shift], reduction_axes))
+    return tuple(
+        _per_channel_sums(
+            terms, [dy, x], [mean, inv_std, shift, scale, offset], reduction_axes, blockwise
+        )
+    )
 
 
 def input_gradient(
-    dy, x, gamma, mean, inv_std, count, sum_g, sum_g_xhat, weights=None, *, shift=0.0
+    dy, x, gamma, mean, inv_std, count, sum_g, sum_g_xhat, weights=None, *, shift=0.0,
+    activation=None, offset=0.0,
 ):
     """∂ℓ/∂x = γ/√(σ²+ε) · (g − w·(Σg + x̂·Σg·x̂)/m), in x's dtype.
 
-    `mean` is relative to `shift` (see `normalized`).
+    `mean` is relative to `shift` (see `normalized`). With a fused `activation`, g is dy·f′(z)
+    for the BN output z = x̂·γ + offset.
     """
-    g = _as_statistics_dtype(dy)
     x_hat = normalized(x, mean, inv_std, shift)
+    g = _bn_output_gradient(dy, x_hat, activation, gamma, offset)
     # divide_no_nan: a fully masked channel (m = 0) has no correction term (its weights are 0).
     correction = tf.math.divide_no_nan(sum_g + x_hat * sum_g_xhat, count)
     if weights is not None:
@@ -322,14 +369,17 @@ def renorm_correction(mean, variance, epsilon, renorm):
     return tf.stop_gradient(r), tf.stop_gradient(d)
 
 
-def _training_forward(x, gamma, beta, weights, renorm, *, reduction_axes, epsilon):
+def _training_forward(
+    x, gamma, beta, weights, renorm, rule, state, *, reduction_axes, epsilon, activation, pooled,
+    blockwise,
+):
     x32 = _as_statistics_dtype(x)
     if weights is not None:
         weights = _as_statistics_dtype(weights)
     shift = reference_value(x32, reduction_axes, weights)
     count = value_count(x32, reduction_axes, weights)
     shifted_mean, variance = centered_moments(
-        count, *shifted_sums(x32, shift, reduction_axes, weights)
+        count, *shifted_sums(x32, shift, reduction_axes, weights, blockwise=blockwise)
     )
     inv_std = inverse_std(variance, epsilon)
     x_hat = normalized(x32, shifted_mean, inv_std, shift)
@@ -340,30 +390,36 @@ def _training_forward(x, gamma, beta, weights, renorm, *, reduction_axes, epsilo
     else:
         r, d = renorm_correction(shift + shifted_mean, variance, epsilon, renorm)
         y = x_hat * (gamma * r) + (gamma * d + beta)
-    return tf.cast(y, x.dtype), shift, shifted_mean, variance, count, r, d
+    if activation is not None:
+        y = FUSED[activation].forward(y)
+    saved = (shift, shifted_mean, variance, count, r, d)
+    moments = (shift + shifted_mean, variance, count)
+    if pooled:
+        moments = pooled_moments(*moments)
+    if rule is None:
+        return tf.cast(y, x.dtype), saved, moments
+    # The statistics update, here so that it runs in this XLA cluster (see `fused_batch_norm`).
+    return tf.cast(y, x.dtype), saved, rule(state, *moments)
 
 
 def _training_backward(
-    dy, x, gamma, shift, shifted_mean, variance, count, weights, r, d, *, reduction_axes,
-    epsilon,
+    dy, x, gamma, beta, shift, shifted_mean, variance, count, weights, r, d, *,
+    reduction_axes, epsilon, activation, blockwise,
 ):
     inv_std = inverse_std(variance, epsilon)
+    # The BN output is z = x̂·scale + offset: with renorm y = γ·(r·x̂ + d) + β, where r and d
+    # are constants, so the plain backward holds with γ·r for γ.
+    scale, offset = (gamma, beta) if r is None else (gamma * r, gamma * d + beta)
     sum_g, sum_g_xhat = gradient_sums(
-        dy, x, shifted_mean, inv_std, reduction_axes, shift=shift
+        dy, x, shifted_mean, inv_std, reduction_axes, shift=shift, activation=activation,
+        scale=scale, offset=offset, blockwise=blockwise,
     )
-    if r is None:
-        dx = input_gradient(
-            dy, x, gamma, shifted_mean, inv_std, count, sum_g, sum_g_xhat, weights, shift=shift
-        )
-        d_gamma = sum_g_xhat
-    else:
-        # y = γ·(r·x̂ + d) + β with r, d constants: the plain backward with γ·r for γ, and
-        # ∂ℓ/∂γ = r·Σg·x̂ + d·Σg.
-        dx = input_gradient(
-            dy, x, gamma * r, shifted_mean, inv_std, count, sum_g, sum_g_xhat, weights,
-            shift=shift,
-        )
-        d_gamma = r * sum_g_xhat + d * sum_g
+    dx = input_gradient(
+        dy, x, scale, shifted_mean, inv_std, count, sum_g, sum_g_xhat, weights, shift=shift,
+        activation=activation, offset=offset,
+    )
+    # ∂ℓ/∂γ = Σg·x̂, with renorm r·Σg·x̂ + d·Σg.
+    d_gamma = sum_g_xhat if r is None else r * sum_g_xhat + d * sum_g
     return dx, _sum_to(d_gamma, gamma.shape), _sum_to(sum_g, gamma.shape)
 
 
@@ -382,7 +438,10 @@ _compiled_forward = tf.function(_training_forward, jit_compile=True)
 _compiled_backward = tf.function(_training_backward, jit_compile=True)
 
 
-def fused_batch_norm(x, gamma, beta, *, reduction_axes, epsilon, weights=None, renorm=None):
+def fused_batch_norm(
+    x, gamma, beta, *, reduction_axes, epsilon, weights=None, renorm=None, activation=None,
+    update=None,
+):
     """Training-mode batch normalization with the closed-form backward pass.
 
     Args:
@@ -394,34 +453,76 @@ def fused_batch_norm(x, gamma, beta, *, reduction_axes, epsilon, weights=None, r
         weights: optional mask weights broadcastable to x (1 = counted).
         renorm: optional `Renorm`: y = γ·(r·x̂ + d) + β (`renorm_correction`), r and d
             constants in the backward pass.
+        activation: None, or a key of `kerasbn.activation.FUSED`: y = f(BN(x)), its
+            derivative applied to dy before BN's backward.
+        update: optional `StatisticsUpdate` (an `updates.UpdateRule` and the current values of
+            the stored statistics): the new values are computed from the batch moments in the
+            same compiled call as y, so that a layer has only its variable writes left to do.
 
     Returns:
-        (y, mean, variance, count): y in x's dtype; the batch moments (biased variance) and the
-        per-channel count m, in the statistics dtype and keepdims shape. Gradients flow to x,
-        gamma and beta through y only; the moments are statistics, not part of the
+        Without `update`, (y, mean, variance, count): y in x's dtype; the batch moments (biased
+        variance) and the per-channel count m, in the statistics dtype and keepdims shape.
+        With `update`, (y, new_state, accepted): the rule's result (`UpdateRule.__call__`).
+        Gradients flow to x, gamma and beta through y only; the statistics are not part of the
         differentiable output.
     """
+    y, statistics = _fused(
+        x, gamma, beta, reduction_axes=reduction_axes, epsilon=epsilon, weights=weights,
+        renorm=renorm, activation=activation, update=update, pooled=False,
+    )
+    return (y, *statistics)
+
+
+class StatisticsUpdate(NamedTuple):
+    """`rule`: a hashable `updates.UpdateRule` (a static argument of the compiled forward);
+    `state`: {variable name: current value} of the statistics it updates."""
+
+    rule: object
+    state: dict
+
+
+def _fused(
+    x, gamma, beta, *, reduction_axes, epsilon, weights, renorm, activation, update, pooled
+):
+    """(y, statistics): the moments (mean, variance, count), pooled over the groups of axis 0
+    when `pooled`; or with `update`, (new_state, accepted)."""
     reduction_axes = tuple(reduction_axes)
     epsilon = float(epsilon)
+    if activation is not None and activation not in FUSED:
+        raise ValueError(
+            f"`activation` must be None or one of {tuple(FUSED)}. Received: "
+            f"activation={activation!r}"
+        )
     if renorm is not None:
         renorm = Renorm(*(tf.stop_gradient(t) if tf.is_tensor(t) else t for t in renorm))
+    rule, state = (None, None) if update is None else (
+        update.rule, {k: tf.stop_gradient(v) for k, v in update.state.items()}
+    )
+    # A static choice per trace: where the caller places the kernel.
+    blockwise = sums_strategy(x.device) == "blockwise"
+    structure = []
 
     @tf.custom_gradient
     def _batch_norm(x, gamma, beta):
-        y, shift, shifted_mean, variance, count, r, d = _compiled_forward(
-            x, gamma, beta, weights, renorm, reduction_axes=reduction_axes, epsilon=epsilon
+        y, saved, statistics = _compiled_forward(
+            x, gamma, beta, weights, renorm, rule, state, reduction_axes=reduction_axes,
+            epsilon=epsilon, activation=activation, pooled=pooled, blockwise=blockwise,
         )
+        shift, shifted_mean, variance, count, r, d = saved
+        structure.append(statistics)
 
         def grad(dy, *_unused_statistics_grads):
             return _compiled_backward(
-                dy, x, gamma, shift, shifted_mean, variance, count, weights, r, d,
-                reduction_axes=reduction_axes, epsilon=epsilon,
+                dy, x, gamma, beta, shift, shifted_mean, variance, count, weights, r, d,
+                reduction_axes=reduction_axes, epsilon=epsilon, activation=activation,
+                blockwise=blockwise,
             )
 
-        return (y, shift + shifted_mean, variance, count), grad
+        # Flat: custom_gradient hands its grad function one gradient per output tensor.
+        return (y, *tf.nest.flatten(statistics)), grad
 
-    y, mean, variance, count = _batch_norm(x, gamma, beta)
-    return y, tf.stop_gradient(mean), tf.stop_gradient(variance), tf.stop_gradient(count)
+    y, *flat = _batch_norm(x, gamma, beta)
+    return y, tf.nest.pack_sequence_as(structure[-1], [tf.stop_gradient(t) for t in flat])
 
 
 # --- ghost (virtual) batches -----------------------------------------------------------------
@@ -452,7 +553,8 @@ def pooled_moments(mean, variance, count):
 
 
 def ghost_batch_norm(
-    x, gamma, beta, *, virtual_batch_size, reduction_axes, epsilon, weights=None, renorm=None
+    x, gamma, beta, *, virtual_batch_size, reduction_axes, epsilon, weights=None, renorm=None,
+    activation=None, update=None,
 ):
     """`fused_batch_norm` with each group of `virtual_batch_size` consecutive examples (axis 0)
     normalized with its own moments (ghost batch normalization, Hoffer et al., 2017).
@@ -462,18 +564,21 @@ def ghost_batch_norm(
     batch size a multiple of `virtual_batch_size` (the caller checks).
 
     Returns:
-        (y, mean, variance, count, dof): y in x's shape and dtype; the statistics of the whole
-        batch pooled from the groups' (`pooled_moments`), in x's keepdims shape.
+        Without `update`, (y, mean, variance, count, dof): y in x's shape and dtype; the
+        statistics of the whole batch pooled from the groups' (`pooled_moments`), in x's
+        keepdims shape. With `update`, (y, new_state, accepted), the rule applied to those
+        pooled statistics inside the compiled forward.
     """
     k = int(virtual_batch_size)
     grouped_axes = (1, *(a + 1 for a in reduction_axes if a != 0))
-    y, mean, variance, count = fused_batch_norm(
+    y, statistics = _fused(
         _grouped(x, k), _grouped(gamma, k), _grouped(beta, k),
-        reduction_axes=grouped_axes, epsilon=epsilon,
+        reduction_axes=grouped_axes, epsilon=epsilon, activation=activation,
         weights=None if weights is None else _grouped(tf.broadcast_to(weights, tf.shape(x)), k),
         renorm=None if renorm is None else renorm._replace(
             mean=_grouped(renorm.mean, k), stddev=_grouped(renorm.stddev, k)
         ),
+        update=update, pooled=True,
     )
-    # The groups' moments have shape (G, 1, ...): pool over G to x's keepdims shape (1, ...).
-    return (tf.reshape(y, tf.shape(x)), *pooled_moments(mean, variance, count))
+    # Pooled, the groups' moments (G, 1, ...) have x's keepdims shape (1, ...).
+    return (tf.reshape(y, tf.shape(x)), *statistics)

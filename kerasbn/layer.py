@@ -8,6 +8,7 @@ statistics).
 from __future__ import annotations
 
 from kerasbn import _sync, kernel, updates
+from kerasbn import activation as activations
 from kerasbn._axes import canonical_axis, normalize_axes, reduction_axes
 
 import math
@@ -74,6 +75,14 @@ class BatchNormalization(keras.layers.Layer):
             within-group variance Σ m_g·σ²_g / Σ m_g, or with `unbiased_variance` the pooled
             Σ m_g·σ²_g / Σ (m_g − 1) (an unbiased estimate of the population variance; tf.keras
             2 stored the biased one). Inference is unchanged. Axis 0 must not be normalized.
+        activation: None (linear), or a Keras activation (name or function) applied to the
+            output: the layer computes activation(BN(x)), as BN followed by
+            `keras.layers.Activation` would. "relu", "relu6", "sigmoid", "silu"/"swish" and
+            "hard_silu"/"hard_swish" are fused into the training kernel, forward and backward
+            (one pass over the data instead of three); any other activation is applied after
+            the kernel. In inference it follows the multiply-add. Folding moves it onto the
+            layer the BN folds into (`kerasbn.export`). With `synchronized=True` across
+            replicas it is applied after the synchronized kernel (not fused).
 
     A training batch whose statistics are not finite, or (unbiased) with m = 1 known only at
     run time, leaves the statistics unchanged and adds one to `skipped_updates`. So does a
@@ -113,6 +122,7 @@ class BatchNormalization(keras.layers.Layer):
         unbiased_variance=True,
         renorm_warmup_steps=None,
         virtual_batch_size=None,
+        activation=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -140,6 +150,9 @@ class BatchNormalization(keras.layers.Layer):
             renorm_clipping = _checked_renorm_clipping(renorm_clipping)
         _check_renorm_warmup(renorm_warmup_steps, bool(renorm), renorm_clipping)
         _check_optional_positive_int("virtual_batch_size", virtual_batch_size)
+        self.activation = activations.get(activation)
+        # A name of `kerasbn.activation.FUSED`: applied inside the training kernel.
+        self._fused_activation = activations.fused_name(self.activation)
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
         self.center = bool(center)
@@ -277,7 +290,13 @@ class BatchNormalization(keras.layers.Layer):
             self._per_channel(self.moving_variance, 1.0, dtype),
             self.epsilon,
         )
-        return tf.cast(tf.cast(inputs, dtype) * scale + offset, inputs.dtype)
+        return tf.cast(self._activate(tf.cast(inputs, dtype) * scale + offset), inputs.dtype)
+
+    def _activate(self, outputs):
+        """The layer's activation, applied outside the kernel."""
+        if activations.is_linear(self.activation):
+            return outputs
+        return self.activation(outputs)
 
     def _training_call(self, inputs, mask):
         dtype = kernel.statistics_dtype(inputs.dtype)
@@ -295,27 +314,35 @@ class BatchNormalization(keras.layers.Layer):
         )
         if self.renorm:
             arguments["renorm"] = self._renorm_inputs(dtype)
+        # The synchronized kernel has no fused activation: it is applied after it.
+        fused = self._fused_activation is not None and not synchronizing
+        if fused:
+            arguments["activation"] = self._fused_activation
         gamma = self._per_channel(self.gamma, 1.0, dtype)
         beta = self._per_channel(self.beta, 0.0, dtype)
-        if self.virtual_batch_size is not None:
-            inputs = self._checked_ghost_batches(inputs, weights)
-            outputs, mean, variance, count, dof = kernel.ghost_batch_norm(
-                inputs, gamma, beta, virtual_batch_size=self.virtual_batch_size, **arguments
-            )
-        else:
+        rule = self._update_rule()
+        state = {variable.name: variable.value for variable in self._statistics_variables()}
+        if synchronizing:
             # Only an unsynchronized batch must hold m > 1 itself: a replica's share may hold
-            # one.
-            if weights is None and not synchronizing:
-                self._check_batch_has_several_values(inputs.shape)
+            # one. The collectives run between compiled stages, so the update runs here.
             outputs, mean, variance, count = batch_norm(inputs, gamma, beta, **arguments)
-            dof = None
-        channel_shape = self.moving_mean.shape
-        moments = [
-            None if t is None else tf.cast(tf.reshape(t, channel_shape), self.moving_mean.dtype)
-            for t in (mean, variance, count, dof)
-        ]
-        self._update_statistics(*moments)
-        return outputs
+            new_state, _ = rule(state, mean, variance, count)
+        else:
+            # The fused kernel computes the new statistics in its compiled forward.
+            arguments["update"] = kernel.StatisticsUpdate(rule, state)
+            if self.virtual_batch_size is not None:
+                inputs = self._checked_ghost_batches(inputs, weights)
+                outputs, new_state, _ = kernel.ghost_batch_norm(
+                    inputs, gamma, beta, virtual_batch_size=self.virtual_batch_size, **arguments
+                )
+            else:
+                if weights is None:
+                    self._check_batch_has_several_values(inputs.shape)
+                outputs, new_state, _ = kernel.fused_batch_norm(
+                    inputs, gamma, beta, **arguments
+                )
+        self._write_statistics(new_state)
+        return outputs if fused else self._activate(outputs)
 
     def _check_batch_has_several_values(self, shape, what="batch"):
         dims = [shape[a] for a in self._reduction_axes]
@@ -369,56 +396,30 @@ class BatchNormalization(keras.layers.Layer):
             rmin=rmin, rmax=rmax, dmax=dmax,
         )
 
-    def _update_statistics(self, mean, variance, count, dof=None):
-        """Every stored statistic's update from one batch, all or none (see `updates`)."""
-        new_values = []  # (variable, value): Keras variables overload ==, so no dict keys
-        accepted = []
-        stddev = None if not self.renorm else updates.batch_stddev(
-            variance, count, epsilon=self.epsilon, unbiased_variance=self.unbiased_variance,
-            dof=dof,
+    def _update_rule(self):
+        return updates.UpdateRule(
+            statistics=self.statistics, momentum=self.momentum, epsilon=self.epsilon,
+            unbiased_variance=self.unbiased_variance,
+            renorm_momentum=self.renorm_momentum if self.renorm else None,
         )
-        if self.statistics == "population":
-            *state, ok = updates.population_update(
-                self.moving_mean.value, self.moving_variance.value,
-                self.population_count.value, self.population_dof.value,
-                mean, variance, count, dof,
+
+    def _statistics_variables(self):
+        """The stored statistics and counters `updates.UpdateRule` updates, those this layer
+        has."""
+        return [
+            v for v in (
+                self.moving_mean, self.moving_variance, self.moving_stddev, self.renorm_mean,
+                self.renorm_stddev, self.population_count, self.population_dof,
+                self.skipped_updates, self.renorm_step,
             )
-            accepted.append(ok)
-            new_values += zip(
-                (self.moving_mean, self.moving_variance, self.population_count,
-                 self.population_dof), state, strict=True,
-            )
-            if self.renorm:
-                new_values.append((self.moving_stddev, tf.sqrt(state[1] + self.epsilon)))
-        elif self.renorm:
-            *state, ok = updates.renorm_moving_average_update(
-                self.moving_mean.value, self.moving_stddev.value, self.moving_variance.value,
-                mean, stddev, count, momentum=self.momentum, epsilon=self.epsilon,
-            )
-            accepted.append(ok)
-            new_values += zip(
-                (self.moving_mean, self.moving_stddev, self.moving_variance), state, strict=True
-            )
-        else:
-            *state, ok = updates.moving_average_update(
-                self.moving_mean.value, self.moving_variance.value, mean, variance, count,
-                momentum=self.momentum, unbiased_variance=self.unbiased_variance, dof=dof,
-            )
-            accepted.append(ok)
-            new_values += zip((self.moving_mean, self.moving_variance), state, strict=True)
-        if self.renorm:
-            *state, ok = updates.moving_average_update(
-                self.renorm_mean.value, self.renorm_stddev.value, mean, stddev, count,
-                momentum=self.renorm_momentum, unbiased_variance=False,
-            )
-            accepted.append(ok)
-            new_values += zip((self.renorm_mean, self.renorm_stddev), state, strict=True)
-        accepted = tf.reduce_all(tf.stack(accepted))
-        for variable, value in new_values:
-            variable.assign(tf.where(accepted, value, variable.value))
-        self.skipped_updates.assign_add(tf.cast(tf.logical_not(accepted), "int64"))
-        if self.renorm_step is not None:
-            self.renorm_step.assign_add(1)
+            if v is not None
+        ]
+
+    def _write_statistics(self, new_state):
+        """The variable writes of one batch's update: all that is left outside the kernel
+        (values kept where the batch was not accepted, counters counted, by the rule)."""
+        for variable in self._statistics_variables():
+            variable.assign(new_state[variable.name])
 
     # --- state -----------------------------------------------------------------------------
 
@@ -511,6 +512,7 @@ class BatchNormalization(keras.layers.Layer):
             "unbiased_variance": self.unbiased_variance,
             "renorm_warmup_steps": self.renorm_warmup_steps,
             "virtual_batch_size": self.virtual_batch_size,
+            "activation": keras.activations.serialize(self.activation),
         }
         return {**super().get_config(), **config}
 

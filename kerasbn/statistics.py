@@ -412,6 +412,11 @@ class _Probe:
             )
         shape, stored = layer.moving_mean.shape, layer.moving_mean.dtype
         self.records.append(tuple(tf.cast(tf.reshape(t, shape), stored) for t in moments))
+        # The statistics are of the BN's input; the next layer sees the output after a kerasbn
+        # layer's activation, as in training.
+        activate = getattr(layer, "_activate", None)
+        if activate is not None:
+            outputs = activate(outputs)
         return tf.cast(outputs, layer.compute_dtype)
 
     def _tf_fused_applies(self, inputs, axes, mask):

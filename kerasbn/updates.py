@@ -29,6 +29,8 @@ against (`renorm_momentum`, no variance). σ²_B is unbiased first when `unbiase
 
 from __future__ import annotations
 
+import dataclasses
+
 import tensorflow as tf
 
 
@@ -115,3 +117,91 @@ def population_update(
         tf.where(accepted, new_dof, total_dof),
         accepted,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateRule:
+    """Every stored statistic's update from one batch, for one layer configuration.
+
+    Hashable and compared by value, so that the compiled training forward can take it as a
+    static argument and run the update inside its XLA cluster (`kernel.fused_batch_norm`'s
+    `update`): the layer's per-step work outside the kernel is then only the variable writes.
+
+    Attributes:
+        statistics: "moving_average" or "population".
+        momentum: of the moving averages.
+        epsilon: the layer's ε.
+        unbiased_variance: store m/(m−1)·σ²_B (moving averages; the population is unbiased).
+        renorm_momentum: with Batch Renormalization, the renorm statistics' momentum; None
+            without renorm.
+    """
+
+    statistics: str
+    momentum: float
+    epsilon: float
+    unbiased_variance: bool
+    renorm_momentum: float | None = None
+
+    def __call__(self, state, mean, variance, count, dof=None):
+        """(new state, accepted): all or none.
+
+        `state` maps the layer's variable names (moving_mean, moving_variance, and with renorm
+        moving_stddev, renorm_mean, renorm_stddev, in the population mode population_count and
+        population_dof) to their current values; the moments may have any shape with as many
+        elements (keepdims), and are brought to the state's shape and dtype. Every new value is
+        the old one when the batch is not accepted. The counters, when in `state`, count too:
+        `skipped_updates` adds one for a batch not accepted, `renorm_step` one for every batch.
+        """
+        like = state["moving_mean"]
+        mean, variance, count = (_like(t, like) for t in (mean, variance, count))
+        dof = None if dof is None else _like(dof, like)
+        renorm = self.renorm_momentum is not None
+        new = {}
+        accepted = []
+        # σ_B only for renorm, which averages it.
+        stddev = None if not renorm else batch_stddev(
+            variance, count, epsilon=self.epsilon, unbiased_variance=self.unbiased_variance,
+            dof=dof,
+        )
+        if self.statistics == "population":
+            *values, ok = population_update(
+                state["moving_mean"], state["moving_variance"], state["population_count"],
+                state["population_dof"], mean, variance, count, dof,
+            )
+            names = ("moving_mean", "moving_variance", "population_count", "population_dof")
+            new.update(zip(names, values, strict=True))
+            if renorm:
+                new["moving_stddev"] = tf.sqrt(new["moving_variance"] + self.epsilon)
+        elif renorm:
+            *values, ok = renorm_moving_average_update(
+                state["moving_mean"], state["moving_stddev"], state["moving_variance"],
+                mean, stddev, count, momentum=self.momentum, epsilon=self.epsilon,
+            )
+            names = ("moving_mean", "moving_stddev", "moving_variance")
+            new.update(zip(names, values, strict=True))
+        else:
+            *values, ok = moving_average_update(
+                state["moving_mean"], state["moving_variance"], mean, variance, count,
+                momentum=self.momentum, unbiased_variance=self.unbiased_variance, dof=dof,
+            )
+            new.update(zip(("moving_mean", "moving_variance"), values, strict=True))
+        accepted.append(ok)
+        if renorm:
+            *values, ok = moving_average_update(
+                state["renorm_mean"], state["renorm_stddev"], mean, stddev, count,
+                momentum=self.renorm_momentum, unbiased_variance=False,
+            )
+            new.update(zip(("renorm_mean", "renorm_stddev"), values, strict=True))
+            accepted.append(ok)
+        accepted = tf.reduce_all(tf.stack(accepted))
+        new = {name: tf.where(accepted, value, state[name]) for name, value in new.items()}
+        if "skipped_updates" in state:
+            skipped = state["skipped_updates"]
+            new["skipped_updates"] = skipped + tf.cast(tf.logical_not(accepted), skipped.dtype)
+        if "renorm_step" in state:
+            new["renorm_step"] = state["renorm_step"] + 1
+        return new, accepted
+
+
+def _like(t, like):
+    return tf.cast(tf.reshape(t, tf.shape(like)), like.dtype)

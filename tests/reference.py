@@ -119,3 +119,37 @@ def ghost_batches(x, gamma, beta, dy, axes, epsilon, virtual_batch_size):
         y, dx, d_gamma, d_beta, (counts * means).sum(0) / total,
         (counts * variances).sum(0) / total, total, (counts - 1).sum(0),
     )
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+# name → (f, f′) in float64, written from the definitions (Keras's docs), kinks as TensorFlow's
+# gradients take them: relu′(0) = 0, relu6′ = 1 on the open interval (0, 6).
+ACTIVATIONS = {
+    "relu": (lambda z: np.maximum(z, 0.0), lambda z: (z > 0).astype(np.float64)),
+    "relu6": (
+        lambda z: np.clip(z, 0.0, 6.0),
+        lambda z: ((z > 0) & (z < 6)).astype(np.float64),
+    ),
+    "sigmoid": (_sigmoid, lambda z: _sigmoid(z) * (1.0 - _sigmoid(z))),
+    "silu": (
+        lambda z: z * _sigmoid(z),
+        lambda z: _sigmoid(z) + z * _sigmoid(z) * (1 - _sigmoid(z)),
+    ),
+    # hard_silu(z) = 0 for z <= −3, z for z >= 3, z·(z + 3)/6 between.
+    "hard_silu": (
+        lambda z: np.where(z <= -3, 0.0, np.where(z >= 3, z, z * (z + 3) / 6)),
+        lambda z: np.where(z <= -3, 0.0, np.where(z >= 3, 1.0, (2 * z + 3) / 6)),
+    ),
+}
+
+
+def activated(x, gamma, beta, dy, axes, epsilon, activation, weights=None):
+    """Training-mode BN followed by an activation f: a = f(z), z = BN(x). The chain rule gives
+    ∂ℓ/∂z = dy·f′(z), then BN's backward. Returns (a, dx, dγ, dβ)."""
+    f, derivative = ACTIVATIONS[activation]
+    z, *_ = forward(x, gamma, beta, axes, epsilon, weights)
+    dz = np.asarray(dy, np.float64) * derivative(z)
+    return (f(z), *backward(x, gamma, dz, axes, epsilon, weights))

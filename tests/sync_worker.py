@@ -49,11 +49,12 @@ class Case:
     masked: bool = False  # a (batch, time) mask on a rank-3 input; the last 3 rows all masked
     empty_last_replica: bool = False  # the last replica gets no rows (a final partial batch)
     even_split: bool = False  # equal shares (else unequal on purpose)
+    activation: str | None = None  # applied after the synchronized kernel
 
     def layer_kwargs(self, synchronized=True):
         return {
             "axis": self.axis, "momentum": MOMENTUM, "statistics": self.statistics,
-            "synchronized": synchronized,
+            "synchronized": synchronized, "activation": self.activation,
         }
 
     def inputs(self, seed):
@@ -97,6 +98,7 @@ CASES = {
     "empty_replica": Case((9, 4), location=3.0, empty_last_replica=True),
     # One row per replica: m = 1 locally, which only a synchronized layer may accept.
     "one_row_per_replica": Case((2, 3), location=-2.0, even_split=True),
+    "masked_relu": Case((8, 5, 3), masked=True, activation="relu"),
 }
 # Every case on two replicas; on four, the cases four make harder (an entirely masked share),
 # since each replica device compiles its stages for its own share's shape.

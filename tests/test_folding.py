@@ -175,6 +175,65 @@ def test_folds_every_bn_variant(make_bn, rng):
     assert bn_layers(folded) == []
 
 
+# --- a BN with an activation -----------------------------------------------------------------
+
+BN_ACTIVATION_PRODUCERS = {
+    "conv2d_relu": ((7, 7, 3), lambda: L.Conv2D(4, 3, use_bias=False), "relu", -1),
+    "dense_silu": ((6,), lambda: L.Dense(5), "swish", -1),
+    "depthwise_relu6": ((8, 8, 3), lambda: L.DepthwiseConv2D(3), "relu6", -1),
+    "conv_channels_first_hard_silu": (
+        (3, 9, 9), lambda: L.Conv2D(4, 3, data_format="channels_first"), "hard_swish", 1,
+    ),
+    "separable_sigmoid": ((8, 8, 3), lambda: L.SeparableConv2D(5, 3), "sigmoid", -1),
+    "conv_gelu_not_fused": ((7, 7, 3), lambda: L.Conv2D(4, 3), "gelu", -1),
+}
+
+
+@pytest.mark.parametrize("case", BN_ACTIVATION_PRODUCERS.values(),
+                         ids=BN_ACTIVATION_PRODUCERS.keys())
+def test_bn_activation_moves_onto_the_producer(case, rng):
+    """conv → BN(relu) becomes conv(relu): the producer had none, and now applies the BN's."""
+    shape, make_producer, activation, axis = case
+    inputs = keras.Input(shape)
+    producer = make_producer()
+    bn = kerasbn.BatchNormalization(axis=axis, activation=activation)
+    model = functional(inputs, L.Dense(2)(L.Flatten()(bn(producer(inputs)))))
+
+    folded, report = fold_and_compare(model, rng)
+
+    assert actions(report) == [(bn.name, producer.name, "folded")]
+    assert bn_layers(folded) == []
+    assert folded.get_layer(producer.name).activation is keras.activations.get(activation)
+    assert producer.activation is keras.activations.linear  # the original is untouched
+
+
+def test_bn_activation_is_kept_with_a_kept_bn(rng):
+    """A BN that cannot fold stays with its activation (outputs compared by fold_and_compare)."""
+    inputs = keras.Input((6, 6, 3))
+    bn = kerasbn.BatchNormalization(activation="relu")
+    model = functional(inputs, L.Flatten()(bn(L.Add()([inputs, inputs]))))
+
+    folded, report = fold_and_compare(model, rng)
+
+    assert [r.action for r in report.records] == ["kept"]
+    (kept,) = bn_layers(folded)
+    assert kept.activation is keras.activations.relu
+
+
+def test_bn_activation_refused_backward_is_not_folded_forward(rng):
+    """The producer has an activation of its own: neither side can take the BN's."""
+    inputs = keras.Input((6,))
+    dense, bn = L.Dense(5, activation="tanh"), kerasbn.BatchNormalization(activation="relu")
+    model = functional(inputs, L.Dense(3)(bn(dense(inputs))))
+
+    folded, report = fold_and_compare(model, rng)
+
+    (record,) = report.records
+    assert record.action == "refused"
+    assert "applies the activation 'tanh'" in record.reason
+    assert "it applies the activation 'relu' after normalizing" in record.reason
+
+
 # --- forward folds ----------------------------------------------------------------------------
 
 
@@ -436,7 +495,14 @@ REFUSALS = {
         "normalizes axis 3, but 'conv2d' keeps its channels on axis 1",
     ),
     "folded_weights_finite/producer": (_huge_gamma(_conv_bn), "refused", "overflow float32"),
-    # no producer to fold into, and 13–19: the consumer
+    # no producer to fold into, and 13–20: the consumer
+    "bn_linear_activation/relu_before_dense": (
+        lambda: _bn_after_add(
+            kerasbn.BatchNormalization(activation="relu"), lambda: L.Dense(3), (6,)
+        ),
+        "kept",
+        "it applies the activation 'relu' after normalizing",
+    ),
     "no_producer/model_input": (
         lambda: functional(*_input_bn_relu()),
         "kept",

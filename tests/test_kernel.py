@@ -42,7 +42,7 @@ def _keepdims(values, ndim, axes):
     return tf.constant(reference.per_channel(values, ndim, axes), tf.float32)
 
 
-def _run_fused(x, axes, gamma, beta, dy, epsilon, weights=None):
+def _run_fused(x, axes, gamma, beta, dy, epsilon, weights=None, activation=None):
     red = reference.reduction_axes(x.ndim, axes)
     x_t = tf.constant(x)
     g_t = _keepdims(gamma, x.ndim, axes)
@@ -50,7 +50,8 @@ def _run_fused(x, axes, gamma, beta, dy, epsilon, weights=None):
     with tf.GradientTape() as tape:
         tape.watch([x_t, g_t, b_t])
         y, mean, variance, count = kernel.fused_batch_norm(
-            x_t, g_t, b_t, reduction_axes=red, epsilon=epsilon, weights=weights
+            x_t, g_t, b_t, reduction_axes=red, epsilon=epsilon, weights=weights,
+            activation=activation,
         )
         loss = tf.reduce_sum(y * dy)
     dx, dgamma, dbeta = tape.gradient(loss, [x_t, g_t, b_t])
@@ -115,6 +116,58 @@ def test_masked_moments_and_gradients_match_reference(case, mask_seed):
     np.testing.assert_allclose(dx, ref_dx, rtol=1e-3, atol=1e-5 * dx_scale)
     np.testing.assert_allclose(dgamma, ref_dgamma, rtol=1e-4, atol=1e-4 * _scale_of(ref_dgamma))
     np.testing.assert_allclose(dbeta, ref_dbeta, rtol=1e-4, atol=1e-5 * _scale_of(ref_dbeta))
+
+
+ACTIVATIONS = sorted(reference.ACTIVATIONS)
+
+
+def _assert_activated_matches_reference(x, axes, gamma, beta, dy, activation, weights=None):
+    epsilon = 1e-3
+    y, _, _, _, dx, dgamma, dbeta = _run_fused(
+        x, axes, gamma, beta, dy, epsilon,
+        weights=None if weights is None else tf.constant(weights), activation=activation,
+    )
+    ref_y, ref_dx, ref_dgamma, ref_dbeta = reference.activated(
+        x, gamma, beta, dy, axes, epsilon, activation, weights
+    )
+    np.testing.assert_allclose(y, ref_y, rtol=1e-4, atol=1e-4 * _scale_of(ref_y))
+    dx_scale = _dx_term_scale(x, gamma, dy, axes, epsilon, weights)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-3, atol=1e-5 * dx_scale)
+    np.testing.assert_allclose(dgamma, ref_dgamma, rtol=1e-4, atol=1e-4 * _scale_of(ref_dgamma))
+    np.testing.assert_allclose(dbeta, ref_dbeta, rtol=1e-4, atol=1e-5 * _scale_of(ref_dbeta))
+
+
+@settings(max_examples=20)
+@given(inputs_and_axes(), st.sampled_from(ACTIVATIONS), st.booleans(), st.integers(0, 2**31 - 1))
+def test_fused_activation_matches_float64_reference(case, activation, masked, mask_seed):
+    """a = f(BN(x)) and its gradients: dy·f′(z) through BN's backward, masked or not."""
+    x, axes, gamma, beta, dy = case
+    weights = None
+    if masked:
+        rng = np.random.default_rng(mask_seed)
+        weights = (rng.uniform(size=x.shape[:1] + (1,) * (x.ndim - 1)) < 0.6).astype(np.float32)
+        weights[:2] = 1.0
+    _assert_activated_matches_reference(x, axes, gamma, beta, dy, activation, weights)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_fused_activation_in_blockwise_sums_matches_reference(activation):
+    """A tensor large enough for the blockwise loop (`_per_channel_sums`) of the backward."""
+    rng = np.random.default_rng(5)
+    x = (1.0 + 2.0 * rng.standard_normal((8, 16, 16, 64))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    gamma = rng.uniform(0.5, 2.0, 64).astype(np.float32)
+    beta = rng.standard_normal(64).astype(np.float32)
+    _assert_activated_matches_reference(x, (3,), gamma, beta, dy, activation)
+
+
+def test_fused_activation_rejects_unknown_name():
+    x = tf.ones((4, 3))
+    with pytest.raises(ValueError, match="activation='gelu'"):
+        kernel.fused_batch_norm(
+            x, tf.ones((1, 3)), tf.zeros((1, 3)), reduction_axes=(0,), epsilon=1e-3,
+            activation="gelu",
+        )
 
 
 def test_reference_backward_agrees_with_finite_differences():
@@ -213,6 +266,55 @@ def test_blockwise_sums_match_reference(monkeypatch, shape, axes):
     np.testing.assert_allclose(dx, ref_dx, rtol=1e-3, atol=1e-5 * dx_scale)
     np.testing.assert_allclose(dgamma, ref_dgamma, rtol=1e-4, atol=1e-4 * _scale_of(ref_dgamma))
     np.testing.assert_allclose(dbeta, ref_dbeta, rtol=1e-4, atol=1e-5 * _scale_of(ref_dbeta))
+
+
+@pytest.mark.parametrize("device,strategy", [
+    ("CPU", "blockwise"),
+    ("/device:CPU:0", "blockwise"),
+    ("/job:localhost/replica:0/task:0/device:CPU:0", "blockwise"),
+    ("cpu:0", "blockwise"),
+    ("GPU", "plain"),
+    ("/GPU:0", "plain"),
+    ("/job:worker/replica:0/task:1/device:GPU:1", "plain"),
+    ("/device:TPU:0", "plain"),
+])
+def test_blockwise_sums_only_on_a_cpu(device, strategy):
+    assert kernel.sums_strategy(device) == strategy
+
+
+def test_unplaced_kernel_follows_tensorflows_default_placement():
+    expected = "plain" if tf.config.list_logical_devices("GPU") else "blockwise"
+    assert kernel.sums_strategy("") == expected
+    assert kernel.sums_strategy("/job:localhost/replica:0/task:0") == expected
+
+
+@pytest.mark.parametrize("strategy,loops", [("blockwise", 2), ("plain", 0)])
+def test_the_kernel_sums_as_its_placement_says(monkeypatch, strategy, loops):
+    """The device of x decides: a large tensor takes one XLA loop in the forward and one in the
+    backward on a CPU, none elsewhere (the strategy is forced here: this machine has no GPU);
+    both give the reference's numbers."""
+    devices, traced_loops = [], []
+    monkeypatch.setattr(kernel, "sums_strategy", lambda d: devices.append(d) or strategy)
+    real_while_loop = tf.while_loop
+    monkeypatch.setattr(
+        tf, "while_loop", lambda *a, **k: traced_loops.append(1) or real_while_loop(*a, **k)
+    )
+    rng = np.random.default_rng(3)
+    # A shape of its own (over the blockwise threshold), so both passes are traced here.
+    shape = (9 + loops, 16, 16, 64)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    gamma = rng.uniform(0.5, 2.0, 64).astype(np.float32)
+    beta = rng.standard_normal(64).astype(np.float32)
+    with tf.device("/CPU:0"):
+        y, _, _, _, dx, _, _ = _run_fused(x, (3,), gamma, beta, dy, 1e-3)
+    assert kernel._device_type(devices[0]) == "CPU"
+    assert len(traced_loops) == loops
+    ref_y, *_ = reference.forward(x, gamma, beta, (3,), 1e-3)
+    ref_dx, _, _ = reference.backward(x, gamma, dy, (3,), 1e-3)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-4, atol=1e-4 * _scale_of(ref_y))
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-3, atol=1e-5 * _dx_term_scale(
+        x, gamma, dy, (3,), 1e-3))
 
 
 # --- Batch Renormalization and ghost batches ---------------------------------------------------

@@ -708,3 +708,27 @@ def test_ghost_batches_cannot_split_a_normalized_batch_axis():
     layer = kerasbn.BatchNormalization(axis=(0, 1), virtual_batch_size=2)
     with pytest.raises(ValueError, match=r"Received: axis=\(0, 1\), virtual_batch_size=2"):
         layer.build((4, 3))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"statistics": "population"}, {"renorm": True}, {"virtual_batch_size": 2},
+    {"activation": "relu"},
+], ids=["moving_average", "population", "renorm", "ghost", "relu"])
+def test_statistics_update_runs_inside_the_compiled_forward(kwargs):
+    """Outside the kernel's XLA call, a training step has only reads, the variable writes and
+    shape plumbing: none of the update's arithmetic (finite checks, selects, the averages)."""
+    layer = kerasbn.BatchNormalization(**kwargs)
+    layer.build((4, 3, 3, 2))
+    step = tf.function(lambda x: layer(x, training=True))
+    graph = step.get_concrete_function(tf.TensorSpec((4, 3, 3, 2))).graph
+    outside = {op.type for op in graph.get_operations()}
+    compiled = [
+        op for op in graph.get_operations()
+        if op.type in ("PartitionedCall", "StatefulPartitionedCall")
+        and op.get_attr("_XlaMustCompile")
+    ]
+    assert compiled  # the forward (the backward is only built by a gradient)
+    update_arithmetic = {"IsFinite", "All", "SelectV2", "Select", "Sqrt", "RealDiv", "Mul",
+                         "AddV2", "Sub"}
+    assert not outside & update_arithmetic, outside & update_arithmetic
+    assert "AssignVariableOp" in outside

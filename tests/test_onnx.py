@@ -93,6 +93,36 @@ def test_each_producer_folds_and_verifies_in_onnx_runtime(kind, rng, tmp_path):
     assert report.node_count == sum(folded_ops.values()) <= report.unfolded_node_count
 
 
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_bn_with_an_activation_folds_into_the_conv_and_verifies(activation, rng, tmp_path):
+    """conv → BN(activation) exports as conv(activation): ONNX Runtime agrees with the Keras
+    model (`to_onnx` verifies, and here again), and no BN multiply-add is left: the operators
+    are those of the same conv with the activation and a bias."""
+
+    def model(bn):
+        inputs = keras.Input((8, 8, 3))
+        conv = L.Conv2D(4, 3, use_bias=not bn, activation=None if bn else activation)
+        outputs = conv(inputs)
+        if bn:
+            outputs = kerasbn.BatchNormalization(activation=activation)(outputs)
+        built = keras.Model(inputs, outputs)
+        randomize_bn(built, rng)
+        randomize_biases(built, rng)
+        return built
+
+    original = model(bn=True)
+    report = to_onnx(original, tmp_path / "model.onnx")
+
+    assert fold_counts(report) == (1, 0, 0)
+    folded_ops = operators(tmp_path / "model.onnx")
+    assert "BatchNormalization" not in folded_ops
+    assert folded_ops == operators(convert(model(bn=False)))
+    x = rng.standard_normal((5, 8, 8, 3)).astype("float32")
+    (onnx_output,) = run_onnx(tmp_path / "model.onnx", x)
+    expected = keras.ops.convert_to_numpy(original(x, training=False))
+    np.testing.assert_allclose(onnx_output, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
 def test_node_counts_show_what_tf2onnx_leaves_unfolded(rng, tmp_path):
     # tf2onnx lowers a BN after a Dense to Mul + Add; folding removes both.
     report = to_onnx(producer_model("dense", rng, bn=L.BatchNormalization), tmp_path / "m.onnx")

@@ -223,6 +223,28 @@ def test_renorm_and_ghost_batch_layers_get_plain_statistics(rng, kind, bn_kwargs
                                        np.sqrt(variance + layer.epsilon), rtol=RTOL)
 
 
+@pytest.mark.parametrize("activation", ["silu", "tanh"])
+def test_layers_with_an_activation_pass_it_on(rng, activation):
+    """Dense → BN(activation) → Dense → BN: the statistics are of each BN's input, and the
+    second BN sees the first one's output after the activation (fused, or applied after)."""
+    dense1, dense2 = keras.layers.Dense(HIDDEN), keras.layers.Dense(OUTPUTS)
+    bn1 = kerasbn.BatchNormalization(activation=activation, name="bn1")
+    bn2 = kerasbn.BatchNormalization(name="bn2")
+    inputs = keras.Input((FEATURES,))
+    model = randomize(keras.Model(inputs, bn2(dense2(bn1(dense1(inputs))))), rng)
+    x = make_data(rng, 64)
+    kerasbn.population_statistics(model, x, verbose=0)
+    f = {"silu": lambda z: z / (1.0 + np.exp(-z)), "tanh": np.tanh}[activation]
+    moments = {"bn1": [], "bn2": []}
+    for batch in split(x, 32):
+        h = np.asarray(batch, np.float64) @ dense1.kernel.numpy() + dense1.bias.numpy()
+        h, batch_moments = bn_forward(bn1, h)
+        moments["bn1"].append(batch_moments)
+        h = f(h) @ dense2.kernel.numpy() + dense2.bias.numpy()
+        moments["bn2"].append(bn_forward(bn2, h)[1])
+    assert_statistics(model, {name: pooled(m) for name, m in moments.items()})
+
+
 @pytest.mark.parametrize("dtype", ["float64", "uint8"])
 def test_dtypes_as_the_layer_computes_them(rng, dtype):
     """A float64 model keeps float64 statistics; uint8 inputs are computed in float32."""

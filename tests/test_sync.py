@@ -179,8 +179,13 @@ def float64_reference(name):
     x, dy, mask, gamma, beta = case.inputs(sync_worker.case_seed(name))
     axes = (case.axis % len(case.shape),)
     epsilon = kerasbn.BatchNormalization().epsilon
-    y = reference.forward(x, gamma, beta, axes, epsilon, _weights(mask))[0]
-    dx, dgamma, dbeta = reference.backward(x, gamma, dy, axes, epsilon, _weights(mask))
+    if case.activation is None:
+        y = reference.forward(x, gamma, beta, axes, epsilon, _weights(mask))[0]
+        dx, dgamma, dbeta = reference.backward(x, gamma, dy, axes, epsilon, _weights(mask))
+    else:
+        y, dx, dgamma, dbeta = reference.activated(
+            x, gamma, beta, dy, axes, epsilon, case.activation, _weights(mask)
+        )
     return {"y": y, "dx": dx, "dgamma": dgamma, "dbeta": dbeta}
 
 
