@@ -11,6 +11,7 @@ nothing, and never give more nodes than tf2onnx's export of the unfolded model.
 from kerasbn.export import to_onnx
 
 import gc
+import os
 
 import keras
 import numpy as np
@@ -21,6 +22,10 @@ import pytest
 from benchmarks import _zoo_models
 
 FAMILIES = _zoo_models.smallest_per_family()
+# `make test` runs each architecture in a process of its own (KERASBN_ZOO_ONLY=name): the
+# largest (InceptionResNetV2) with what earlier ones leave behind exceeds 24 GiB in one process.
+ONLY = os.environ.get("KERASBN_ZOO_ONLY")
+ARCHITECTURES = [ONLY] if ONLY else sorted(FAMILIES.values())
 VERIFY_IMAGES = 4
 
 # TEMPORARY, branch `zoo` only: failures whose cause is in export/ and not fixed on main yet
@@ -41,7 +46,7 @@ def _known_failure(request):
         request.applymarker(pytest.mark.xfail(strict=False, reason=reason))
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES.values()))
+@pytest.fixture(scope="module", params=ARCHITECTURES)
 def exported(request, tmp_path_factory):
     """(model, report, ONNX proto) of one architecture, exported once for all its checks."""
     name = request.param
