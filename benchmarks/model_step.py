@@ -13,7 +13,9 @@ model's steps per second under the same `jit_compile` setting.
 
 from __future__ import annotations
 
-import kerasbn  # first: imports TensorFlow without its start-up noise
+import kerasbn_programs
+
+kerasbn_programs.quiet_tensorflow_import()  # before anything imports TensorFlow
 
 import os
 import sys
@@ -22,8 +24,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import kerasbn
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _timing  # noqa: E402  (a sibling file, not an installed module)
+import _timing  # a sibling file, not an installed module
 
 INPUT_SHAPE = (32, 32, 3)
 CLASSES = 10

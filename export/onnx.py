@@ -17,13 +17,6 @@ memory); `baseline=False` skips it.
 
 from __future__ import annotations
 
-from kerasbn.export import files, signature
-from kerasbn.export.convert import check_opset, convert
-from kerasbn.export.errors import VerificationError
-from kerasbn.export.folding import fold_batchnorm
-from kerasbn.export.report import FoldReport
-from kerasbn.export.verification import Verification, compare, resolve_tolerance
-
 import contextlib
 import os
 import time
@@ -31,6 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import onnx
+
+from kerasbn.export import files, signature
+from kerasbn.export.convert import check_opset, convert
+from kerasbn.export.errors import VerificationError
+from kerasbn.export.folding import fold_batchnorm
+from kerasbn.export.report import FoldReport
+from kerasbn.export.verification import Verification, compare, resolve_tolerance
 
 
 @dataclass(frozen=True)

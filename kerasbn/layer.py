@@ -7,14 +7,14 @@ statistics).
 
 from __future__ import annotations
 
-from kerasbn import _sync, kernel, updates
-from kerasbn._axes import canonical_axis, normalize_axes, reduction_axes
-
 import math
 
 import keras
 import tensorflow as tf
 from keras import constraints, initializers, ops, regularizers
+
+from kerasbn import _sync, kernel, updates
+from kerasbn._axes import canonical_axis, normalize_axes, reduction_axes
 
 STATISTICS_MODES = ("moving_average", "population")
 

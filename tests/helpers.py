@@ -1,13 +1,13 @@
 """Helpers shared by the test modules: walking models, giving BN real statistics, reading ONNX."""
 
-import kerasbn
-
 import os
 from collections import Counter
 
 import keras
 import onnx
 import onnxruntime
+
+import kerasbn
 
 BN_TYPES = (kerasbn.BatchNormalization, keras.layers.BatchNormalization)
 

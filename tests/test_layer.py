@@ -1,7 +1,5 @@
 """`kerasbn.BatchNormalization`: statistics, Keras parity, modes, errors, dtypes, serialization."""
 
-import kerasbn
-
 import keras
 import numpy as np
 import pytest
@@ -9,6 +7,7 @@ import tensorflow as tf
 from hypothesis import given
 from hypothesis import strategies as st
 
+import kerasbn
 from tests import reference
 
 
