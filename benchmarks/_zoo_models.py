@@ -17,14 +17,14 @@ Nothing here prints or touches the process's streams: the programs that use it d
 
 from __future__ import annotations
 
-import kerasbn
-
 import collections
 import re
 import sys
 
 import keras
 import numpy as np
+
+import kerasbn
 
 # The smallest member (fewest parameters, measured with Keras 3.15 at each minimum size) of each
 # family: what CI and `zoo.py --quick` run. A family this table does not know (a new Keras)

@@ -25,7 +25,9 @@ floor: the bytes an ideal kernel must move divided by this machine's copy bandwi
 
 from __future__ import annotations
 
-import kerasbn  # first: imports TensorFlow without its start-up noise
+import kerasbn_programs
+
+kerasbn_programs.quiet_tensorflow_import()  # before anything imports TensorFlow
 
 import os
 import sys
@@ -34,8 +36,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import kerasbn
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _timing  # noqa: E402  (a sibling file, not an installed module)
+import _timing  # a sibling file, not an installed module
 
 SHAPES = {
     "NHWC conv (32,56,56,64)": (32, 56, 56, 64),

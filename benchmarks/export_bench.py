@@ -21,9 +21,9 @@ files can be the same size: "never slower" is the target there, not "faster".
 
 from __future__ import annotations
 
-import kerasbn  # first: imports TensorFlow without its start-up noise
-from kerasbn.export import fold_batchnorm, to_onnx
-from kerasbn.export.convert import convert
+import kerasbn_programs
+
+kerasbn_programs.quiet_tensorflow_import()  # before anything imports TensorFlow
 
 import argparse
 import os
@@ -37,8 +37,12 @@ import numpy as np
 import onnxruntime
 import tensorflow as tf
 
+import kerasbn
+from kerasbn.export import fold_batchnorm, to_onnx
+from kerasbn.export.convert import convert
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _timing  # noqa: E402  (a sibling file, not an installed module)
+import _timing  # a sibling file, not an installed module
 
 MODELS = ("ResNet50", "MobileNetV2")
 ONNX_TARGET = 1.0  # folded at least as fast

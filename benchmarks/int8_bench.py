@@ -32,9 +32,9 @@ agreement ≥ 99% on digits; test accuracy drop ≤ 0.5 points on digits.
 
 from __future__ import annotations
 
-import kerasbn  # first: imports TensorFlow without its start-up noise
-from kerasbn.export import quantize as int8
-from kerasbn.export import to_onnx
+import kerasbn_programs
+
+kerasbn_programs.quiet_tensorflow_import()  # before anything imports TensorFlow
 
 import os
 import sys
@@ -49,6 +49,10 @@ import numpy as np
 import onnx
 import onnxruntime
 import tensorflow as tf
+
+import kerasbn
+from kerasbn.export import quantize as int8
+from kerasbn.export import to_onnx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)

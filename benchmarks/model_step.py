@@ -20,7 +20,9 @@ models are timed round-robin and compared by their median step time. Target: ker
 
 from __future__ import annotations
 
-import kerasbn  # first: imports TensorFlow without its start-up noise
+import kerasbn_programs
+
+kerasbn_programs.quiet_tensorflow_import()  # before anything imports TensorFlow
 
 import os
 import sys
@@ -29,8 +31,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import kerasbn
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _timing  # noqa: E402  (a sibling file, not an installed module)
+import _timing  # a sibling file, not an installed module
 
 CLASSES = 10
 STAGES = (16, 32, 64)  # channels per stage; every stage after the first halves H and W

@@ -19,7 +19,9 @@ predict reuses its predict function), then timed round-robin and compared by wal
 
 from __future__ import annotations
 
-import kerasbn  # first: imports TensorFlow without its start-up noise
+import kerasbn_programs
+
+kerasbn_programs.quiet_tensorflow_import()  # before anything imports TensorFlow
 
 import argparse
 import os
@@ -28,8 +30,10 @@ import sys
 import keras
 import numpy as np
 
+import kerasbn
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _timing  # noqa: E402  (a sibling file, not an installed module)
+import _timing  # a sibling file, not an installed module
 
 TARGET_RATIO = 1.3
 BATCH_SIZE = 64

@@ -22,7 +22,9 @@ collectives, not a network's.
 
 from __future__ import annotations
 
-import kerasbn  # first: imports TensorFlow without its start-up noise
+import kerasbn_programs
+
+kerasbn_programs.quiet_tensorflow_import()  # before anything imports TensorFlow
 
 import os
 import sys
@@ -31,8 +33,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import kerasbn
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _timing  # noqa: E402  (a sibling file, not an installed module)
+import _timing  # a sibling file, not an installed module
 
 REPLICAS = 2
 GLOBAL_BATCH = 32

@@ -29,8 +29,9 @@ is stopped and recorded as such.
 
 from __future__ import annotations
 
-import kerasbn  # first: imports TensorFlow without its start-up noise
-from kerasbn.export import VerificationError, to_onnx
+import kerasbn_programs
+
+kerasbn_programs.quiet_tensorflow_import()  # before anything imports TensorFlow
 
 import argparse
 import datetime
@@ -48,6 +49,9 @@ import onnx
 import onnxruntime
 import tensorflow as tf
 import tf2onnx
+
+import kerasbn
+from kerasbn.export import VerificationError, to_onnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _zoo_models  # noqa: E402  (a sibling file, not an installed module)

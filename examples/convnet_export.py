@@ -19,8 +19,9 @@ Offline (scikit-learn's bundled digits); `make demo` runs it, in about a minute 
 
 from __future__ import annotations
 
-import kerasbn  # first: imports TensorFlow without its start-up noise
-import kerasbn.export
+import kerasbn_programs
+
+kerasbn_programs.quiet_tensorflow_import()  # before anything imports TensorFlow
 
 import argparse
 import statistics
@@ -30,6 +31,9 @@ from pathlib import Path
 import _data
 import keras
 import numpy as np
+
+import kerasbn
+import kerasbn.export
 
 ONNX_NAME = "digits_convnet.onnx"
 INT8_NAME = "digits_convnet_int8.onnx"

@@ -9,12 +9,16 @@ bundled digits (offline), and compare test accuracy with the two kinds of infere
 Run: `python examples/digits_modes.py [--epochs N]` (part of `make demo`).
 """
 
-import kerasbn
+import kerasbn_programs
+
+kerasbn_programs.quiet_tensorflow_import()  # before anything imports TensorFlow
 
 import argparse
 
 import _data
 import keras
+
+import kerasbn
 
 
 def mlp(statistics):

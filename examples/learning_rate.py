@@ -19,7 +19,9 @@ remove, no learning-rate decay to speed up).
 
 from __future__ import annotations
 
-import kerasbn  # first: imports TensorFlow without its start-up noise
+import kerasbn_programs
+
+kerasbn_programs.quiet_tensorflow_import()  # before anything imports TensorFlow
 
 import argparse
 import json
@@ -31,6 +33,8 @@ from pathlib import Path
 import _data
 import keras
 import numpy as np
+
+import kerasbn
 
 BATCH_SIZE = 32  # the paper's, for Inception
 MOMENTUM = 0.9

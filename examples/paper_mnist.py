@@ -21,7 +21,9 @@ bundled 8×8 digits (no network needed). `--dataset mnist` downloads MNIST.
 
 from __future__ import annotations
 
-import kerasbn  # first: imports TensorFlow without its start-up noise
+import kerasbn_programs
+
+kerasbn_programs.quiet_tensorflow_import()  # before anything imports TensorFlow
 
 import argparse
 import json
@@ -32,6 +34,8 @@ from pathlib import Path
 import _data
 import keras
 import numpy as np
+
+import kerasbn
 
 HIDDEN_LAYERS = 3
 UNITS = 100

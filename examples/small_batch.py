@@ -25,7 +25,9 @@ training steps (and epochs) until the test accuracy first reaches `--target`.
 
 from __future__ import annotations
 
-import kerasbn  # first: imports TensorFlow without its start-up noise
+import kerasbn_programs
+
+kerasbn_programs.quiet_tensorflow_import()  # before anything imports TensorFlow
 
 import argparse
 import json
@@ -36,6 +38,8 @@ from pathlib import Path
 import _data
 import keras
 import numpy as np
+
+import kerasbn
 
 BATCH_SIZES = (2, 4, 8, 32)
 METHODS = ("no BN", "BN", "BN+renorm", "BN+ghost", "BN+population")

@@ -16,19 +16,12 @@ nothing written and a previous output left as it was.
 Models load with `compile=False`: export needs no optimizer, loss or metrics, and a file whose
 compile configuration no longer deserializes (a legacy `.h5` with `loss="mse"`) still exports.
 
-This module lives in `kerasbn.export`, so importing it imports `kerasbn` first, which loads
-TensorFlow without its start-up noise; the command only quiets what is left (Python warnings,
-TensorFlow's and tf2onnx's Python loggers).
+The installed `kerasbn` command starts in `kerasbn_programs.kerasbn_command`, which imports
+TensorFlow without its start-up noise before this module loads; `main` quiets what is left while
+it runs (Python warnings, TensorFlow's and tf2onnx's Python loggers).
 """
 
 from __future__ import annotations
-
-import kerasbn  # noqa: F401  (first: TensorFlow loads quietly)
-from kerasbn.export import files
-from kerasbn.export import quantize as _int8
-from kerasbn.export.convert import OPSETS
-from kerasbn.export.errors import VerificationError
-from kerasbn.export.folding import fold_batchnorm
 
 import argparse
 import contextlib
@@ -42,6 +35,12 @@ import warnings
 
 import keras
 import numpy as np
+
+from kerasbn.export import files
+from kerasbn.export import quantize as _int8
+from kerasbn.export.convert import OPSETS
+from kerasbn.export.errors import VerificationError
+from kerasbn.export.folding import fold_batchnorm
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)

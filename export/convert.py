@@ -24,9 +24,6 @@ operators (tf2onnx keeps a TensorFlow op it cannot convert as it is); anything e
 
 from __future__ import annotations
 
-from kerasbn.export import signature
-from kerasbn.export.errors import ExportError
-
 import numbers
 
 import keras
@@ -37,6 +34,9 @@ from tensorflow.python.framework.convert_to_constants import (  # no public equi
     convert_variables_to_constants_v2,
 )
 from tensorflow.python.util import deprecation
+
+from kerasbn.export import signature
+from kerasbn.export.errors import ExportError
 
 OPSETS = range(13, 19)
 # Attributes that keep TensorFlow's function inliner away from a function call.

@@ -5,11 +5,11 @@ Exact classes only: a subclass may compute something else with the same weights.
 
 from __future__ import annotations
 
-from kerasbn import BatchNormalization as KerasbnBatchNormalization
-
 import dataclasses
 
 import keras
+
+from kerasbn import BatchNormalization as KerasbnBatchNormalization
 
 _L = keras.layers
 BN_CLASSES = (KerasbnBatchNormalization, _L.BatchNormalization)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from kerasbn import _keras_compat
-from kerasbn.export.layouts import BN_CLASSES
-
 import collections
 
 import keras
+
+from kerasbn import _keras_compat
+from kerasbn.export.layouts import BN_CLASSES
 
 
 def check_model(model):

@@ -17,6 +17,14 @@ memory); `baseline=False` skips it.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import onnx
+
 from kerasbn.export import files, signature
 from kerasbn.export import quantize as _int8
 from kerasbn.export.convert import check_opset, convert
@@ -29,14 +37,6 @@ from kerasbn.export.verification import (
     keras_reference,
     resolve_tolerance,
 )
-
-import contextlib
-import os
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-
-import onnx
 
 
 @dataclass(frozen=True)

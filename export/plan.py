@@ -8,17 +8,17 @@ per BN for the report, the BN layers to drop, and the new weights of the layers 
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+
+import keras
+
 from kerasbn import _keras_compat
 from kerasbn.export import preconditions as checks
 from kerasbn.export.fold import fold, fold_forward
 from kerasbn.export.layouts import BN_CLASSES, PRODUCER_LAYOUTS
 from kerasbn.export.model_graph import graphs
 from kerasbn.export.report import FoldRecord
-
-import collections
-import dataclasses
-
-import keras
 
 
 @dataclasses.dataclass(frozen=True)

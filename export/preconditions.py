@@ -48,17 +48,17 @@ cannot fold forward either, is "refused".
 
 from __future__ import annotations
 
-from kerasbn import _keras_compat
-from kerasbn._axes import normalize_axes
-from kerasbn.export.layouts import BN_CLASSES, CONSUMER_CLASSES, channel_axis
-from kerasbn.export.model_graph import ModelGraph
-
 import collections
 import dataclasses
 import functools
 
 import keras
 import numpy as np
+
+from kerasbn import _keras_compat
+from kerasbn._axes import normalize_axes
+from kerasbn.export.layouts import BN_CLASSES, CONSUMER_CLASSES, channel_axis
+from kerasbn.export.model_graph import ModelGraph
 
 
 @dataclasses.dataclass(frozen=True)

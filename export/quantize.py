@@ -48,9 +48,6 @@ quantized, which needs their input shapes known.
 
 from __future__ import annotations
 
-from kerasbn.export import signature
-from kerasbn.export.errors import ExportError
-
 import numbers
 import os
 import tempfile
@@ -70,6 +67,9 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from kerasbn.export import signature
+from kerasbn.export.errors import ExportError
 
 QUANTIZE_MODES = ("int8",)
 CALIBRATION_METHODS = {

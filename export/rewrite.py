@@ -7,9 +7,9 @@ built, so the new model never shares a variable with the original.
 
 from __future__ import annotations
 
-from kerasbn import _keras_compat
-
 import keras
+
+from kerasbn import _keras_compat
 
 
 def rebuild(model, plan):

@@ -7,14 +7,14 @@ ONNX inputs are named after the model's input layers and outputs after its outpu
 
 from __future__ import annotations
 
-from kerasbn import _keras_compat
-
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import keras
 import numpy as np
+
+from kerasbn import _keras_compat
 
 
 @dataclass(frozen=True)

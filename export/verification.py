@@ -26,10 +26,6 @@ have proven nothing.
 
 from __future__ import annotations
 
-from kerasbn import _keras_compat
-from kerasbn.export import signature
-from kerasbn.export.errors import ExportError
-
 import math
 import numbers
 from dataclasses import dataclass
@@ -38,6 +34,10 @@ import keras
 import numpy as np
 import onnxruntime
 import tensorflow as tf
+
+from kerasbn import _keras_compat
+from kerasbn.export import signature
+from kerasbn.export.errors import ExportError
 
 # compute dtype -> (atol, rtol); float64 and float32 models get float32's.
 DEFAULT_TOLERANCES = {

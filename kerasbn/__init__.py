@@ -8,7 +8,6 @@ Public API:
     PopulationStatistics  the callback running that pass at the end of fit (and every n epochs)
 """
 
-from kerasbn import _quiet_import  # noqa: F401  (first: silences TensorFlow start-up)
 from kerasbn.layer import BatchNormalization
 from kerasbn.statistics import PopulationStatistics, population_statistics
 

@@ -46,9 +46,9 @@ replica's device, and the collectives run between them.
 
 from __future__ import annotations
 
-from kerasbn import kernel
-
 import tensorflow as tf
+
+from kerasbn import kernel
 
 
 def synchronizing_replica_context():

@@ -48,11 +48,11 @@ moments; γ and β are shared, so their gradients are the per-group sums added u
 
 from __future__ import annotations
 
-from kerasbn.activation import FUSED
-
 from typing import NamedTuple
 
 import tensorflow as tf
+
+from kerasbn.activation import FUSED
 
 STATISTICS_DTYPE = tf.float32
 

@@ -7,16 +7,16 @@ statistics).
 
 from __future__ import annotations
 
-from kerasbn import _sync, kernel, updates
-from kerasbn import activation as activations
-from kerasbn._axes import canonical_axis, normalize_axes, reduction_axes
-
 import math
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import constraints, initializers, ops, regularizers
+
+from kerasbn import _sync, kernel, updates
+from kerasbn import activation as activations
+from kerasbn._axes import canonical_axis, normalize_axes, reduction_axes
 
 STATISTICS_MODES = ("moving_average", "population")
 

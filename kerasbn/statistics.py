@@ -30,10 +30,6 @@ same samples, and counted in the report.
 
 from __future__ import annotations
 
-from kerasbn import kernel, updates
-from kerasbn._axes import normalize_axes, reduction_axes
-from kerasbn.layer import BatchNormalization
-
 import collections.abc
 import contextlib
 import dataclasses
@@ -45,6 +41,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras.src.trainers.data_adapters import array_data_adapter, get_data_adapter
+
+from kerasbn import kernel, updates
+from kerasbn._axes import normalize_axes, reduction_axes
+from kerasbn.layer import BatchNormalization
 
 # Keras's predict default, for NumPy arrays (datasets and generators are batched already).
 DEFAULT_BATCH_SIZE = 32

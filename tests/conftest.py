@@ -1,6 +1,9 @@
 """Shared test setup: a quiet TensorFlow, reproducible seeds, and hypothesis settings for TF."""
 
-import kerasbn  # noqa: F401  (first: imports TensorFlow without its start-up noise)
+import kerasbn_programs
+
+# The test suite is a program: it starts TensorFlow quietly, before anything imports it.
+kerasbn_programs.quiet_tensorflow_import()
 
 import os
 

@@ -1,6 +1,5 @@
 """Helpers shared by the test modules: walking models, giving BN real statistics, reading ONNX."""
 
-import kerasbn
 
 import inspect
 import os
@@ -10,6 +9,8 @@ import keras
 import onnx
 import onnxruntime
 import pytest
+
+import kerasbn
 
 BN_TYPES = (kerasbn.BatchNormalization, keras.layers.BatchNormalization)
 # Keras added Batch Renormalization back in 3.14; on Python 3.10, pip installs Keras 3.12.

@@ -15,7 +15,9 @@ The cases and the model are defined here, once, for both sides.
 
 from __future__ import annotations
 
-import kerasbn  # first: imports TensorFlow without its start-up noise
+import kerasbn_programs
+
+kerasbn_programs.quiet_tensorflow_import()  # before anything imports TensorFlow
 
 import dataclasses
 import json
@@ -25,6 +27,8 @@ import sys
 import keras
 import numpy as np
 import tensorflow as tf
+
+import kerasbn
 
 # One tf.function per case is the point here, not an accident: no retracing warnings.
 tf.get_logger().setLevel("ERROR")

@@ -7,12 +7,12 @@ followed by `keras.layers.Activation`, in training and in inference, in every mo
 float64 reference are in tests/test_kernel.py.
 """
 
-import kerasbn
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+
+import kerasbn
 
 FUSED = ["relu", "relu6", "sigmoid", "silu", "swish", "hard_silu", "hard_swish"]
 

@@ -4,10 +4,6 @@ Tests call `main([...])` in the test process (TensorFlow is already loaded); one
 installed console script in a fresh process, where start-up noise would show.
 """
 
-import kerasbn
-from kerasbn.export import cli, fold_batchnorm
-from kerasbn.export import onnx as onnx_module
-
 import os
 import re
 import signal
@@ -21,6 +17,9 @@ import numpy as np
 import onnx
 import pytest
 
+import kerasbn
+from kerasbn.export import cli, fold_batchnorm
+from kerasbn.export import onnx as onnx_module
 from tests.helpers import bn_layers, randomize_bn
 
 L = keras.layers

@@ -1,10 +1,10 @@
 """Output files: checked before any work, written whole or not at all, never over a source."""
 
-from kerasbn.export import files
-
 import os
 
 import pytest
+
+from kerasbn.export import files
 
 
 def test_atomic_path_replaces_only_on_success(tmp_path):

@@ -5,8 +5,6 @@ channels-last input), not from `fold`'s formula, so a wrong layout or a wrong bi
 up as a mismatch; the BN step is the shared float64 reference in `tests/reference.py`.
 """
 
-from kerasbn.export.fold import bn_affine, fold, fold_forward
-
 import itertools
 import re
 
@@ -16,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from kerasbn.export.fold import bn_affine, fold, fold_forward
 from tests import reference
 
 # --- float64 layer references (channels-last input (batch, *spatial, channels)) -------------------

@@ -5,15 +5,14 @@ the output's size in float32 (`assert_agree`), and checks what the report and th
 say about each BN. Preconditions are one grid, `REFUSALS`, one row per reason.
 """
 
-import kerasbn
-from kerasbn.export import FoldRecord, FoldReport, fold_batchnorm, preconditions, rewrite
-
 import re
 
 import keras
 import numpy as np
 import pytest
 
+import kerasbn
+from kerasbn.export import FoldRecord, FoldReport, fold_batchnorm, preconditions, rewrite
 from tests.helpers import Subclassed, all_layers, bn_layers, keras_batch_normalization, randomize_bn
 
 L = keras.layers

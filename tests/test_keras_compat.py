@@ -2,12 +2,11 @@
 
 A Keras release that changes one of them fails the one test named after it here."""
 
-from kerasbn import _keras_compat
-
 import keras
 import numpy as np
 import pytest
 
+from kerasbn import _keras_compat
 from tests.helpers import Subclassed
 
 L = keras.layers

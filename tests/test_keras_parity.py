@@ -8,13 +8,12 @@ the symbolic output; and the config. kerasbn runs with `unbiased_variance=False`
 promises Keras's behaviour.
 """
 
-import kerasbn
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import kerasbn
 from tests.helpers import keras_batch_normalization
 
 # Where kerasbn deliberately differs: a fully masked training batch gives both layers the same

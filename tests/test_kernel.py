@@ -1,13 +1,12 @@
 """The kernel's numbers against the float64 reference: moments, forward, backward, stability."""
 
-from kerasbn import kernel
-
 import numpy as np
 import pytest
 import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kerasbn import kernel
 from tests import reference
 
 

@@ -1,6 +1,5 @@
 """`kerasbn.BatchNormalization`: statistics, Keras parity, modes, errors, dtypes, serialization."""
 
-import kerasbn
 
 import json
 
@@ -11,6 +10,7 @@ import tensorflow as tf
 from hypothesis import given
 from hypothesis import strategies as st
 
+import kerasbn
 from tests import reference
 from tests.helpers import keras_batch_normalization
 

@@ -8,11 +8,11 @@ precision computes in float16 with float32 variables; a compiled training step t
 layer (trainable=False) has no trainable weights and runs in inference mode.
 """
 
-import kerasbn
-
 import keras
 import numpy as np
 import pytest
+
+import kerasbn
 
 MODES = {
     "moving_average": ({}, ["moving_mean", "moving_variance", "skipped_updates"]),

@@ -5,11 +5,6 @@ model built without the BN (its producer given a random bias), so neither a Batc
 node nor the Mul/Add that tf2onnx lowers an unfolded BN to is left.
 """
 
-import kerasbn
-from kerasbn.export import ExportError, ExportReport, VerificationError, fold_batchnorm, to_onnx
-from kerasbn.export import onnx as onnx_module
-from kerasbn.export.convert import convert
-
 import os
 
 import keras
@@ -18,6 +13,10 @@ import onnx
 import onnxruntime
 import pytest
 
+import kerasbn
+from kerasbn.export import ExportError, ExportReport, VerificationError, fold_batchnorm, to_onnx
+from kerasbn.export import onnx as onnx_module
+from kerasbn.export.convert import convert
 from tests.helpers import (
     bn_layers,
     fold_counts,

@@ -1,4 +1,5 @@
-"""The built wheel holds `kerasbn/export/` and imports from itself, not from the source tree."""
+"""The built wheel holds `kerasbn/export/` and imports from itself, not from the source tree;
+importing the library leaves the process alone, and the programs' entry point is quiet."""
 
 import os
 import subprocess
@@ -29,7 +30,9 @@ def test_wheel_maps_export_folder_into_the_package(wheel):
     assert "kerasbn/layer.py" in names
     assert not any(name.startswith("export/") for name in names), "no top-level `export`"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "kerasbn = kerasbn.export.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "kerasbn_programs.py" in names, "the programs' start-up module ships beside the package"
+    entry_points_text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "kerasbn = kerasbn_programs:kerasbn_command" in entry_points_text
 
 
 def test_unpacked_wheel_imports_kerasbn_export(wheel, tmp_path):
@@ -50,4 +53,47 @@ def test_unpacked_wheel_imports_kerasbn_export(wheel, tmp_path):
     files = result.stdout.split()
     assert files[0] == str(unpacked / "kerasbn" / "__init__.py")
     assert files[1] == str(unpacked / "kerasbn" / "export" / "__init__.py")
-    assert "I0000" not in result.stderr, "importing kerasbn prints TensorFlow start-up noise"
+
+
+_WATCH_IMPORT = """
+import os, sys
+redirected = []
+real_dup2 = os.dup2
+def watched_dup2(fd, fd2, *args, **kwargs):
+    redirected.append(fd2)
+    return real_dup2(fd, fd2, *args, **kwargs)
+os.dup2 = watched_dup2
+before = dict(os.environ)
+import kerasbn, kerasbn.export
+after = dict(os.environ)
+changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+print("redirected", redirected)
+print("environment", changed)
+"""
+
+
+def test_importing_kerasbn_leaves_the_process_streams_and_environment_alone(tmp_path):
+    env = dict(os.environ)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell has it
+    result = subprocess.run(
+        [sys.executable, "-c", _WATCH_IMPORT], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=300, check=True,
+    )
+    assert "redirected []" in result.stdout, result.stdout
+    assert "environment []" in result.stdout, result.stdout
+
+
+def test_programs_start_tensorflow_quietly_and_restore_stderr(tmp_path):
+    code = (
+        "import os, sys, kerasbn_programs; kerasbn_programs.quiet_tensorflow_import(); "
+        "import kerasbn; print(os.environ['TF_CPP_MIN_LOG_LEVEL']); "
+        "print('stderr still works', file=sys.stderr)"
+    )
+    env = dict(os.environ)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=300, check=True,
+    )
+    assert result.stdout.split() == ["2"]
+    assert result.stderr == "stderr still works\n", "TensorFlow start-up noise or a lost stderr"

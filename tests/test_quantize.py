@@ -5,12 +5,6 @@ against the original Keras model on examples that were not used for calibration;
 quantized" is checked in the graph ONNX Runtime itself makes of the file (QLinearConv, QGemm, …).
 """
 
-import kerasbn
-from kerasbn.export import VerificationError, cli, fold_batchnorm, to_onnx
-from kerasbn.export import onnx as onnx_module
-from kerasbn.export import quantize as int8
-from kerasbn.export.quantize import CalibrationError, calibration_feeds, quantized_structure
-
 import os
 from collections import Counter
 from typing import NamedTuple
@@ -26,6 +20,11 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import quantize_static
 
+import kerasbn
+from kerasbn.export import VerificationError, cli, fold_batchnorm, to_onnx
+from kerasbn.export import onnx as onnx_module
+from kerasbn.export import quantize as int8
+from kerasbn.export.quantize import CalibrationError, calibration_feeds, quantized_structure
 from tests.helpers import randomize_bn
 
 L = keras.layers

@@ -5,13 +5,12 @@ each BN layer normalizes with its batch's moments (training mode), dropout is th
 and the estimate is Σ m_B·μ_B / Σ m_B and Σ m_B·σ²_B / Σ (m_B − 1) over the batches.
 """
 
-import kerasbn
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import kerasbn
 from tests import reference
 from tests.helpers import keras_batch_normalization
 

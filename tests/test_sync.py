@@ -7,9 +7,6 @@ four logical CPU devices under MirroredStrategy, and two MultiWorkerMirroredStra
 127.0.0.1. This process computes the single-device layer and the float64 reference.
 """
 
-import kerasbn
-from kerasbn import _sync, kernel
-
 import functools
 import json
 import os
@@ -23,6 +20,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import kerasbn
+from kerasbn import _sync, kernel
 from tests import reference, sync_worker
 from tests.sync_worker import CASES, MIRRORED_GRID, MULTIWORKER_CASES
 

@@ -1,15 +1,14 @@
 """verify: the tolerance, non-finite outputs, the Keras reference, and ONNX Runtime failures."""
 
-import kerasbn
-from kerasbn.export import ExportError, to_onnx, verify
-from kerasbn.export import verification as verify_module
-from kerasbn.export.convert import convert
-
 import keras
 import numpy as np
 import onnx
 import pytest
 
+import kerasbn
+from kerasbn.export import ExportError, to_onnx, verify
+from kerasbn.export import verification as verify_module
+from kerasbn.export.convert import convert
 from tests.helpers import randomize_bn
 
 L = keras.layers

@@ -8,8 +8,6 @@ leave no ONNX BatchNormalization node and no multiply-add of a BN it reports fol
 nothing, and never give more nodes than tf2onnx's export of the unfolded model.
 """
 
-from kerasbn.export import to_onnx
-
 import gc
 import os
 
@@ -20,6 +18,7 @@ import onnxruntime
 import pytest
 
 from benchmarks import _zoo_models
+from kerasbn.export import to_onnx
 
 FAMILIES = _zoo_models.smallest_per_family()
 # `make test` runs each architecture in a process of its own (KERASBN_ZOO_ONLY=name): the
