@@ -25,6 +25,11 @@ is stopped and recorded as such.
     .venv/bin/python benchmarks/zoo.py --quick         # the smallest of each family
     .venv/bin/python benchmarks/zoo.py --only ResNet50,MobileNetV3Small --size 64
     .venv/bin/python benchmarks/zoo.py --write         # also the "Zoo" section of RESULTS.md
+    .venv/bin/python benchmarks/zoo.py --json z.json --resume   # run only what z.json lacks
+
+With `--resume`, architectures already in the `--json` file keep their row and are not run
+again, except those named with `--only`, which are run again and replace their row. Every row
+records the commit it was measured with, and the section names them all.
 """
 
 from __future__ import annotations
@@ -441,11 +446,16 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="seconds after which a model's process is stopped")
     parser.add_argument("--json", help="also write every measurement to this JSON file")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --json; run the rest (and --only again)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.size < 1:
         parser.error(f"--size must be a positive integer. Received: --size={args.size}")
+    if args.resume and not args.json:
+        parser.error("--resume reads the results of an earlier run from --json FILE. "
+                     "Received: --resume without --json")
     if args.child:
         return run_child(args)
 
@@ -467,9 +477,16 @@ def main(argv=None):
     started = datetime.datetime.now(datetime.timezone.utc)
     command = " ".join(["benchmarks/zoo.py", *(sys.argv[1:] if argv is None else argv)])
     print(f"zoo: {len(names)} architectures; {machine()}", file=sys.stderr, flush=True)
-    results = []
+    results = _earlier_results(args) if args.resume else []
+    rerun = set(args.only or ())
+    results = [r for r in results if r["name"] not in rerun]
+    done = {r["name"] for r in results}
+    names = [n for n in names if n not in done]
+    planned = len(names) + len(results)
+    commit = _commit()
     for name in names:
         result = run_one(name, args)
+        result["commit"] = commit
         results.append(result)
         ours = result.get("ours", {})
         state = "ok" if _ours_ok(result) else ours.get("error", "not run")
@@ -478,14 +495,35 @@ def main(argv=None):
         print(f"  {name}: ours {state}; peer {peer_state}; {result['seconds']:.0f} s, "
               f"peak {result['peak_gib']:.1f} GiB", file=sys.stderr, flush=True)
         # Written after every architecture: an interrupted run keeps what it measured.
-        text = report(results, len(names), started, command, args)
+        text = report(results, planned, started, command, args)
         if args.write:
             write_section(text + "\n")
         if args.json:
             with open(args.json, "w") as file:
                 json.dump(results, file, indent=1)
+    if not names:
+        text = report(results, planned, started, command, args)
+        if args.write:
+            write_section(text + "\n")
     print(text)
     return 0
+
+
+def _earlier_results(args):
+    try:
+        with open(args.json) as file:
+            return json.load(file)
+    except FileNotFoundError:
+        return []
+
+
+def _commit():
+    """The commit measured, with `+` when the work tree differs from it."""
+    def git(*arguments):
+        return subprocess.run(["git", *arguments], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD")
+    return commit + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def report(results, planned, started, command, args):
@@ -493,7 +531,8 @@ def report(results, planned, started, command, args):
     return "\n\n".join([
         SECTION,
         f"Run {started:%Y-%m-%d %H:%M} UTC on {machine()}. Command: `{command}`; one process "
-        f"per architecture (memory limit {args.memory_limit:g} GiB).{done}",
+        f"per architecture (memory limit {args.memory_limit:g} GiB); measured at "
+        f"commit {', '.join(sorted({r.get('commit', '?') for r in results}))}.{done}",
         summary(results),
         table(sorted(results, key=lambda r: r["name"])),
         LEGEND,
