@@ -35,15 +35,21 @@ demo: $(INSTALLED)
 	$(BIN)/python examples/digits_modes.py
 	$(BIN)/python examples/convnet_export.py
 
-# Each zoo architecture (tests/test_zoo.py) runs in a process of its own: in one process, what
-# TensorFlow keeps of the earlier tests plus the largest architecture exceed the 24 GiB here.
+# The suite, run with the Python of $(1): two pytest workers, one per core of the CI machine,
+# whole files per worker (--dist loadfile), so a module's expensive fixtures (a wheel,
+# distributed workers, exported models) run once. Then each zoo architecture
+# (tests/test_zoo.py) in a process of its own: in one process, what TensorFlow keeps of the
+# earlier tests plus the largest architecture exceed the 24 GiB here.
 ZOO_NAMES := from benchmarks import _zoo_models as z; print(*sorted(set(z.smallest_per_family().values())))
+define suite
+	$(1)/python -m pytest -n 2 --dist loadfile --ignore=tests/test_zoo.py
+	names="$$($(1)/python -c '$(ZOO_NAMES)')" && test -n "$$names" && \
+	for name in $$names; do KERASBN_ZOO_ONLY=$$name $(1)/python -m pytest -q tests/test_zoo.py || exit 1; done
+endef
 
 test: $(INSTALLED)
 	$(BIN)/python -m ruff check $(LINTED)
-	$(BIN)/python -m pytest --ignore=tests/test_zoo.py
-	names="$$($(BIN)/python -c '$(ZOO_NAMES)')" && test -n "$$names" && \
-	for name in $$names; do KERASBN_ZOO_ONLY=$$name $(BIN)/python -m pytest -q tests/test_zoo.py || exit 1; done
+	$(call suite,$(BIN))
 
 lint: $(INSTALLED)
 	$(BIN)/python -m ruff check $(LINTED)
@@ -68,7 +74,7 @@ $(NEXT)/.installed: pyproject.toml
 test-keras-next: $(NEXT)/.installed
 	$(NEXT)/bin/python -m pip install --quiet --upgrade --pre keras-nightly
 	$(NEXT)/bin/python -c 'import keras; print("keras", keras.__version__)'
-	$(NEXT)/bin/python -m pytest
+	$(call suite,$(NEXT)/bin)
 
 clean:
 	rm -rf .venv .venv-py* $(NEXT) build dist *.egg-info

@@ -2,7 +2,9 @@
 
 The structural check for a fold: the folded export has exactly the ONNX operators of the same
 model built without the BN (its producer given a random bias), so neither a BatchNormalization
-node nor the Mul/Add that tf2onnx lowers an unfolded BN to is left.
+node nor the Mul/Add that tf2onnx lowers an unfolded BN to is left. Real architectures
+(ResNet50, MobileNetV2 and the smallest of every other `keras.applications` family) are
+`tests/test_zoo.py`'s.
 """
 
 import os
@@ -18,7 +20,6 @@ from kerasbn.export import ExportError, ExportReport, VerificationError, fold_ba
 from kerasbn.export import onnx as onnx_module
 from kerasbn.export.convert import convert
 from tests.helpers import (
-    bn_layers,
     fold_counts,
     operators,
     randomize_biases,
@@ -500,35 +501,3 @@ def test_report_is_readable(rng, tmp_path):
     )
     assert lines[1] == "1 BatchNormalization layers: 1 folded (0 forward), 0 refused, 0 kept"
     assert lines[2].startswith("verified on 8 samples") and "max abs error" in lines[2]
-
-
-# --- real architectures no one here wrote --------------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "name, baseline",
-    # The unfolded conversion of ResNet50 costs as much again (~15-40 s here) and shows nothing
-    # new: tf2onnx merges every BN of ResNet50 into its 4-D Conv itself (equal node counts; the
-    # benchmark reports both). MobileNetV2's depthwise BN it cannot merge.
-    [("ResNet50", False), ("MobileNetV2", True)],
-)
-def test_applications_fold_completely_and_verify(name, baseline, rng, tmp_path):
-    # Logits, not softmax: probabilities of ~1e-3 would sit inside atol and prove little.
-    model = getattr(keras.applications, name)(
-        weights=None, input_shape=(64, 64, 3), classifier_activation=None
-    )
-    randomize_bn(model, rng)
-    randomize_biases(model, rng)
-    report = to_onnx(model, tmp_path / "m.onnx", baseline=baseline)
-
-    bn_count = len(bn_layers(model))
-    assert bn_count > 50
-    assert fold_counts(report) == (bn_count, 0, 0)
-    ops = operators(tmp_path / "m.onnx")
-    # Every Add left is a residual connection or the classifier's bias; no BN Mul or Add.
-    adds = sum(isinstance(layer, L.Add) for layer in model.layers) + 1
-    assert "BatchNormalization" not in ops and "Mul" not in ops
-    assert ops["Add"] == adds
-    if baseline:
-        assert report.node_count < report.unfolded_node_count
