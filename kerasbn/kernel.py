@@ -473,6 +473,34 @@ def fused_batch_norm(
     return (y, *statistics)
 
 
+def batch_norm_forward(
+    x, gamma, beta, *, reduction_axes, epsilon, weights=None, activation=None
+):
+    """Training-mode batch normalization, forward only: (y, mean, variance, count).
+
+    The compiled forward of `fused_batch_norm` itself (the same shifted one-pass moments, the
+    same y), for passes that take no gradient, such as Algorithm 2's population pass
+    (`kerasbn.population_statistics`): no `tf.custom_gradient` wraps it and nothing is kept
+    for a backward pass. Arguments as for `fused_batch_norm`; the moments are the batch mean,
+    biased variance and per-channel count m in the statistics dtype and keepdims shape.
+    """
+    _check_activation(activation)
+    y, _, moments = _compiled_forward(
+        x, gamma, beta, weights, None, None, None, reduction_axes=tuple(reduction_axes),
+        epsilon=float(epsilon), activation=activation, pooled=False,
+        blockwise=sums_strategy(x.device) == "blockwise",
+    )
+    return (y, *moments)
+
+
+def _check_activation(activation):
+    if activation is not None and activation not in FUSED:
+        raise ValueError(
+            f"`activation` must be None or one of {tuple(FUSED)}. Received: "
+            f"activation={activation!r}"
+        )
+
+
 class StatisticsUpdate(NamedTuple):
     """`rule`: a hashable `updates.UpdateRule` (a static argument of the compiled forward);
     `state`: {variable name: current value} of the statistics it updates."""
@@ -488,11 +516,7 @@ def _fused(
     when `pooled`; or with `update`, (new_state, accepted)."""
     reduction_axes = tuple(reduction_axes)
     epsilon = float(epsilon)
-    if activation is not None and activation not in FUSED:
-        raise ValueError(
-            f"`activation` must be None or one of {tuple(FUSED)}. Received: "
-            f"activation={activation!r}"
-        )
+    _check_activation(activation)
     if renorm is not None:
         renorm = Renorm(*(tf.stop_gradient(t) if tf.is_tensor(t) else t for t in renorm))
     rule, state = (None, None) if update is None else (
