@@ -8,8 +8,9 @@ Public API:
     PopulationStatistics  the callback running that pass at the end of fit (and every n epochs)
 """
 
+from kerasbn.callbacks import PopulationStatistics
 from kerasbn.layer import BatchNormalization
-from kerasbn.statistics import PopulationStatistics, population_statistics
+from kerasbn.population import population_statistics
 
 __all__ = ["BatchNormalization", "PopulationStatistics", "population_statistics"]
 __version__ = "0.1.0"

@@ -1,13 +1,16 @@
 """Every use of Keras internals in kerasbn, in one place.
 
 Keras 3 has no public way to read a functional model's graph (which layer call made a tensor,
-the calls in topological order), to list the layers a layer calls inside its own `call`, or to
-rebuild a layer with safe mode off in a scope. Each function below wraps one such assumption and
+the calls in topological order), to run that graph with one layer's call replaced, to list the
+layers a layer calls inside its own `call`, or to rebuild a layer with safe mode off in a
+scope. Each function below wraps one such assumption and
 `tests/test_keras_compat.py` probes each one, so a Keras release that changes one fails one
 named test instead of a user's export.
 """
 
 from __future__ import annotations
+
+import functools
 
 import keras
 
@@ -44,6 +47,29 @@ def graph_nodes(model):
 def graph_outputs(model):
     function = model._functional if isinstance(model, keras.Sequential) else model
     return function.outputs
+
+
+def is_runnable_graph(layer):
+    """Whether `run_graph` can run `layer`: a Functional model, or a Sequential one with its
+    graph built (an input shape known)."""
+    return is_functional(layer) or is_built_sequential(layer)
+
+
+def run_graph(model, inputs, call_operation):
+    """Runs the graph of a Functional or built Sequential `model` on `inputs` (in any structure
+    the model takes), Keras's own way, except that each call node runs as
+    `call_operation(operation, *args, **kwargs)` instead of `operation(*args, **kwargs)`.
+
+    Keras's Functional runs its graph exactly so (`Functional.call` hands its
+    `_run_through_graph` a per-operation function to pass `training` on); it has no public way
+    to change how one layer of a graph is called.
+    """
+    function = model._functional if isinstance(model, keras.Sequential) else model
+    outputs = function._run_through_graph(
+        function._standardize_inputs(inputs),
+        operation_fn=lambda operation: functools.partial(call_operation, operation),
+    )
+    return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
 
 
 def node_keyword_arguments(node):

@@ -7,6 +7,7 @@ statistics).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import keras
@@ -185,6 +186,8 @@ class BatchNormalization(keras.layers.Layer):
         self.renorm_step = None
         self.population_count = None
         self.population_dof = None
+        # Set only inside `reporting_batch_moments`.
+        self._batch_moments_report = None
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
@@ -272,7 +275,9 @@ class BatchNormalization(keras.layers.Layer):
         if not inputs.dtype.is_floating:
             inputs = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
         # As in Keras: a frozen BN (trainable=False) runs in inference mode, for fine-tuning.
-        if training and self.trainable:
+        if self._batch_moments_report is not None and self.trainable:
+            outputs = self._reporting_call(inputs, mask)
+        elif training and self.trainable:
             outputs = self._training_call(inputs, mask)
         else:
             outputs = self._inference_call(inputs)
@@ -343,6 +348,19 @@ class BatchNormalization(keras.layers.Layer):
                 )
         self._write_statistics(new_state)
         return outputs if fused else self._activate(outputs)
+
+    def _reporting_call(self, inputs, mask):
+        """Training-mode output with the batch's moments handed to the report, no update."""
+        dtype = kernel.statistics_dtype(inputs.dtype)
+        outputs, *moments = kernel.batch_norm_forward(
+            inputs, self._per_channel(self.gamma, 1.0, dtype),
+            self._per_channel(self.beta, 0.0, dtype), reduction_axes=self._reduction_axes,
+            epsilon=self.epsilon, weights=kernel.mask_weights(inputs, mask),
+            activation=self._fused_activation,
+        )
+        shape, stored = self.moving_mean.shape, self.moving_mean.dtype
+        self._batch_moments_report(*(tf.cast(tf.reshape(t, shape), stored) for t in moments))
+        return outputs if self._fused_activation is not None else self._activate(outputs)
 
     def _check_batch_has_several_values(self, shape, what="batch"):
         dims = [shape[a] for a in self._reduction_axes]
@@ -420,6 +438,83 @@ class BatchNormalization(keras.layers.Layer):
         (values kept where the batch was not accepted, counters counted, by the rule)."""
         for variable in self._statistics_variables():
             variable.assign(new_state[variable.name])
+
+    # --- Algorithm 2 over a whole model ----------------------------------------------------
+
+    @contextlib.contextmanager
+    def reporting_batch_moments(self, report):
+        """A scope in which each call of the layer reports its batch moments and updates nothing.
+
+        The hook of `kerasbn.population_statistics` (the paper's Algorithm 2 for a trained
+        model), public for passes of your own. Inside the scope every call of the layer,
+        whatever `training` says, normalizes its input with the batch's own moments, as in
+        training, so the layers after it see what they saw in training (after the layer's
+        activation, fused or not); and calls
+
+            report(mean, variance, count)
+
+        with the batch mean, the biased batch variance σ²_B and the number m of values behind
+        each statistic (masked positions not counted), per channel in the shape and dtype of
+        `moving_mean`. The stored statistics and counters are left alone: what to do with the
+        moments is the caller's (e.g. pool them with `kerasbn.updates.population_update` and
+        set the result with `set_population_statistics`). Renorm and ghost-batch layers report
+        the plain moments of the whole batch: their inference is plain BN.
+
+        A frozen layer (`trainable=False`) runs in inference mode and reports nothing, as in
+        training. The layer is called once per forward pass, or more when it is shared: each
+        call reports. Inside a `tf.function`, the calls, and so the reports, happen while it is
+        traced, with symbolic tensors. One report at a time: nesting raises `ValueError`.
+        """
+        if not callable(report):
+            raise TypeError(f"`report` must be callable. Received: report={report!r}")
+        if self._batch_moments_report is not None:
+            raise ValueError(
+                f"Layer {self.name!r} is already reporting its batch moments: one scope at a "
+                f"time. Received: report={report!r}"
+            )
+        self._batch_moments_report = report
+        try:
+            yield
+        finally:
+            self._batch_moments_report = None
+
+    def set_population_statistics(self, mean, variance, count, dof):
+        """Set the inference statistics to a population estimate (Algorithm 2).
+
+        Args:
+            mean: Σ m_B·μ_B / Σ m_B, per channel (the shape of `moving_mean`).
+            variance: the unbiased Σ m_B·σ²_B / Σ (m_B − 1), per channel; stored as it is,
+                whatever `unbiased_variance` (which is about the moving averages).
+            count: Σ m_B, the values the estimate was taken over, per channel.
+            dof: Σ (m_B − 1), per channel.
+
+        Writes `moving_mean` and `moving_variance`; with renorm `moving_stddev` =
+        √(variance + epsilon), the value its next training step derives the variance from; in
+        the population mode `population_count` and `population_dof`, so that later
+        training-mode batches pool with this estimate. `skipped_updates` is not touched. The
+        layer owns this choice of variables, so that a pass over a whole model need not know
+        them. Every value is checked (built layer, shapes) before any is written.
+        """
+        if not self.built:
+            raise ValueError(
+                f"Layer {self.name!r} is not built: it has no statistics to set yet. Received: "
+                "an unbuilt layer"
+            )
+        values = {"mean": mean, "variance": variance, "count": count, "dof": dof}
+        expected = tuple(self.moving_mean.shape)
+        for name, value in values.items():
+            if tuple(np.shape(value)) != expected:
+                raise ValueError(
+                    f"`{name}` must have the shape of moving_mean, {expected}. Received: "
+                    f"{name} of shape {tuple(np.shape(value))}"
+                )
+        self.moving_mean.assign(mean)
+        self.moving_variance.assign(variance)
+        if self.moving_stddev is not None:
+            self.moving_stddev.assign(np.sqrt(np.asarray(variance) + self.epsilon))
+        if self.population_count is not None:
+            self.population_count.assign(count)
+            self.population_dof.assign(dof)
 
     # --- state -----------------------------------------------------------------------------
 

@@ -90,3 +90,33 @@ def test_layer_from_config_rebuilds_a_lambda_with_safe_mode_on():
         )
     clone = _keras_compat.layer_from_config(L.Lambda, config)
     assert float(clone(np.ones((1,)))[0]) == 2.0
+
+
+def test_run_graph_calls_each_node_through_the_given_function():
+    inputs = keras.Input((3,), name="x")
+    dense, relu = L.Dense(2), L.ReLU()
+    functional = keras.Model(inputs, relu(dense(inputs)))
+    sequential = keras.Sequential([keras.Input((3,)), dense, relu])
+    assert _keras_compat.is_runnable_graph(functional)
+    assert _keras_compat.is_runnable_graph(sequential)
+    assert not _keras_compat.is_runnable_graph(keras.Sequential([L.Dense(2)]))
+    assert not _keras_compat.is_runnable_graph(Subclassed())
+    x = np.array([[1.0, -2.0, 3.0]], "float32")
+    for model in (functional, sequential):
+        called = []
+
+        def call_operation(operation, *args, called=called, **kwargs):
+            called.append(operation)
+            outputs = operation(*args, **kwargs)
+            return -outputs if operation is relu else outputs
+
+        outputs = _keras_compat.run_graph(model, x, call_operation)
+        assert called == [dense, relu]
+        np.testing.assert_allclose(outputs, -model(x).numpy(), rtol=1e-6)
+    # Several inputs, in the structure the model takes them (here a dict by input name).
+    a, b = keras.Input((2,), name="a"), keras.Input((1,), name="b")
+    joined = keras.Model([a, b], L.Concatenate()([a, b]))
+    outputs = _keras_compat.run_graph(
+        joined, {"a": np.ones((1, 2)), "b": np.zeros((1, 1))}, lambda op, *a, **k: op(*a, **k)
+    )
+    np.testing.assert_array_equal(outputs, [[1.0, 1.0, 0.0]])

@@ -461,3 +461,30 @@ def test_masked_ghost_batches_are_masked_batches_side_by_side():
     within = sum(c * g[2][1].numpy().reshape(-1) for c, g in zip(counts, groups, strict=True))
     np.testing.assert_allclose(variance.numpy().reshape(-1), within / counts.sum(), rtol=1e-5)
     assert np.all(variance.numpy() < ref_var)  # within-group, not the whole batch's
+
+
+@pytest.mark.parametrize("shape, activation", [
+    ((8, 6), None),                 # small: plain TensorFlow operations in the caller's graph
+    ((16, 32, 32, 8), "relu"),      # 512 KiB: its own XLA cluster, blockwise sums
+], ids=["plain", "compiled"])
+def test_forward_without_backward_matches_float64_reference(shape, activation):
+    """`batch_norm_forward` (the population pass's moments): y and the moments, both paths,
+    mean far from zero so that the shifted sums matter."""
+    rng = np.random.default_rng(3)
+    x = (40.0 + 2.0 * rng.standard_normal(shape)).astype(np.float32)
+    channels = shape[-1]
+    gamma = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+    beta = rng.standard_normal(channels).astype(np.float32)
+    axes = (len(shape) - 1,)
+    red = reference.reduction_axes(len(shape), axes)
+    y, mean, variance, count = tf.function(lambda x: kernel.batch_norm_forward(
+        x, _keepdims(gamma, len(shape), axes), _keepdims(beta, len(shape), axes),
+        reduction_axes=red, epsilon=1e-3, activation=activation,
+    ))(tf.constant(x))
+    ref_y, ref_mean, ref_variance, ref_count = reference.forward(x, gamma, beta, axes, 1e-3)
+    if activation == "relu":
+        ref_y = np.maximum(ref_y, 0.0)
+    np.testing.assert_allclose(y.numpy(), ref_y, rtol=1e-4, atol=2e-4)
+    np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-6)
+    np.testing.assert_allclose(variance.numpy(), ref_variance, rtol=2e-4)
+    np.testing.assert_array_equal(count.numpy(), ref_count)

@@ -732,3 +732,114 @@ def test_statistics_update_runs_inside_the_compiled_forward(kwargs):
                          "AddV2", "Sub"}
     assert not outside & update_arithmetic, outside & update_arithmetic
     assert "AssignVariableOp" in outside
+
+
+# --- the hook of the population pass: reporting_batch_moments, set_population_statistics ----
+
+
+def _reporting_layer(rng, shape=(6, 4, 3), **kwargs):
+    layer = kerasbn.BatchNormalization(**kwargs)
+    layer.build((None, *shape))
+    layer.gamma.assign(rng.uniform(0.5, 2.0, shape[-1]).astype("float32"))
+    layer.beta.assign(rng.uniform(-1.0, 1.0, shape[-1]).astype("float32"))
+    return layer
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "tanh"])
+def test_reporting_batch_moments_gives_training_output_and_moments_and_updates_nothing(
+    rng, activation
+):
+    """Whatever `training` says, the training-mode output (after the activation, fused or
+    not) and the batch's moments, float64 reference; no variable changes."""
+    layer = _reporting_layer(rng, activation=activation, statistics="population")
+    x = _batches(rng, 1, (5, 6, 4, 3))[0]
+    before = [w.copy() for w in layer.get_weights()]
+    reports = []
+    with layer.reporting_batch_moments(lambda *moments: reports.append(moments)):
+        outputs = layer(x, training=False)
+    z, mean, variance, count = reference.forward(
+        x, layer.gamma.numpy(), layer.beta.numpy(), (3,), layer.epsilon
+    )
+    f = {None: lambda t: t, "relu": lambda t: np.maximum(t, 0.0), "tanh": np.tanh}[activation]
+    np.testing.assert_allclose(outputs.numpy(), f(z), rtol=1e-4, atol=1e-5)
+    ((reported_mean, reported_variance, reported_count),) = reports
+    assert reported_mean.shape == (3,) and reported_mean.dtype == tf.float32
+    np.testing.assert_allclose(reported_mean.numpy(), mean.reshape(-1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reported_variance.numpy(), variance.reshape(-1), rtol=1e-4)
+    np.testing.assert_array_equal(reported_count.numpy(), count.reshape(-1))
+    for after, expected in zip(layer.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(after, expected)
+    # Outside the scope the layer is an inference layer again.
+    np.testing.assert_allclose(
+        layer(x).numpy(),
+        f(reference.inference(x, layer.gamma.numpy(), layer.beta.numpy(), layer.moving_mean
+                              .numpy(), layer.moving_variance.numpy(), (3,), layer.epsilon)),
+        rtol=1e-4, atol=1e-5,
+    )
+
+
+def test_reporting_batch_moments_counts_unmasked_positions_only(rng):
+    layer = _reporting_layer(rng, shape=(7, 3))
+    x = _batches(rng, 1, (4, 7, 3))[0]
+    mask = rng.uniform(size=(4, 7)) < 0.6
+    reports = []
+    with layer.reporting_batch_moments(lambda *moments: reports.append(moments)):
+        layer(x, mask=tf.constant(mask))
+    mean, variance, count = reference.moments(x, (2,), mask[..., None])
+    np.testing.assert_allclose(reports[0][0].numpy(), mean.reshape(-1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reports[0][1].numpy(), variance.reshape(-1), rtol=1e-4)
+    np.testing.assert_array_equal(reports[0][2].numpy(), count.reshape(-1))
+
+
+def test_reporting_batch_moments_frozen_layer_reports_nothing(rng):
+    layer = _reporting_layer(rng, shape=(3,))
+    layer.trainable = False
+    x = _batches(rng, 1, (8, 3))[0]
+    reports = []
+    with layer.reporting_batch_moments(lambda *moments: reports.append(moments)):
+        outputs = layer(x, training=True)
+    assert reports == []
+    expected = reference.inference(x, layer.gamma.numpy(), layer.beta.numpy(), np.zeros(3),
+                                   np.ones(3), (1,), layer.epsilon)
+    np.testing.assert_allclose(outputs.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_reporting_batch_moments_bad_use(rng):
+    layer = _reporting_layer(rng, shape=(3,))
+    with pytest.raises(TypeError, match="Received: report='not callable'"):
+        with layer.reporting_batch_moments("not callable"):
+            pass
+    with layer.reporting_batch_moments(print):
+        with pytest.raises(ValueError, match="already reporting .*Received: report=<built-in "):
+            with layer.reporting_batch_moments(len):
+                pass
+    assert layer._batch_moments_report is None  # the scope ended: inference again
+
+
+@pytest.mark.parametrize("kwargs", [{"statistics": "population"}, {"renorm": True}, {}],
+                         ids=["population", "renorm", "moving_average"])
+def test_set_population_statistics_writes_what_the_layer_keeps(rng, kwargs):
+    layer = _reporting_layer(rng, shape=(3,), **kwargs)
+    mean, variance = np.array([1.0, 2.0, 3.0]), np.array([0.5, 1.5, 2.5])
+    count, dof = np.full(3, 40.0), np.full(3, 38.0)
+    layer.set_population_statistics(mean, variance, count, dof)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), variance)
+    if kwargs.get("statistics") == "population":
+        np.testing.assert_array_equal(layer.population_count.numpy(), count)
+        np.testing.assert_array_equal(layer.population_dof.numpy(), dof)
+    if kwargs.get("renorm"):
+        np.testing.assert_allclose(layer.moving_stddev.numpy(), np.sqrt(variance + 1e-3),
+                                   rtol=1e-6)
+    assert int(layer.skipped_updates.numpy()) == 0
+
+
+def test_set_population_statistics_refuses_before_writing(rng):
+    layer = _reporting_layer(rng, shape=(3,), statistics="population")
+    before = [w.copy() for w in layer.get_weights()]
+    with pytest.raises(ValueError, match=r"Received: dof of shape \(4,\)"):
+        layer.set_population_statistics(np.ones(3), np.ones(3), np.ones(3), np.ones(4))
+    for after, expected in zip(layer.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(after, expected)
+    with pytest.raises(ValueError, match="Received: an unbuilt layer"):
+        kerasbn.BatchNormalization().set_population_statistics(*[np.ones(3)] * 4)

@@ -172,8 +172,10 @@ def assert_unchanged(model, before):
     assert len(after) == len(before)
     for a, b in zip(after, before, strict=True):
         np.testing.assert_array_equal(a, b)
-    # The probes are gone: every BN layer's `call` is its class's again.
+    # No layer's `call` was replaced on the instance, and no reporting scope is left open.
     assert all("call" not in layer.__dict__ for layer in model._flatten_layers())
+    assert all(getattr(layer, "_batch_moments_report", None) is None
+               for layer in model._flatten_layers())
 
 
 # --- the estimate ----------------------------------------------------------------------------
@@ -182,7 +184,10 @@ def assert_unchanged(model, before):
 @pytest.mark.parametrize("topology", TOPOLOGIES)
 @pytest.mark.parametrize("kind", BN_KINDS)
 def test_matches_float64_reference(rng, kind, topology):
-    """Unequal batches (32, 32, 32, 4), dropout inactive, both BN classes, every topology."""
+    """Unequal batches (32, 32, 32, 4), dropout inactive, both BN classes, every topology
+    (Keras's layer where a graph calls it: `test_keras_layer_outside_a_graph_is_refused`)."""
+    if (kind, topology) == ("keras", "subclassed"):
+        pytest.skip("Keras's layer called from a subclassed model's code is refused")
     model = make_net(rng, kind, topology)
     x = make_data(rng, 100)
     report = kerasbn.population_statistics(model, x, verbose=0)
@@ -190,6 +195,18 @@ def test_matches_float64_reference(rng, kind, topology):
     assert report.layers == BN_NAMES
     assert (report.batches_used, report.samples_seen, report.batches_skipped) == (4, 100, 0)
     assert not report.steps_exceeded_data
+
+
+def test_keras_layer_outside_a_graph_is_refused(rng):
+    """A subclassed model calls its Keras BN layers from code no graph shows: the pass cannot
+    run them in training mode alone, and says so before anything runs or changes."""
+    model = make_net(rng, "keras", "subclassed")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"Use kerasbn.BatchNormalization there .*Received: "
+                       r"model 'subclassed_net.*' with keras.layers.BatchNormalization "
+                       r"\['bn1', 'bn2'\] outside its graph"):
+        kerasbn.population_statistics(model, make_data(rng, 8), verbose=0)
+    assert_unchanged(model, before)
 
 
 @pytest.mark.parametrize("kind", ["kerasbn_moving_average", "keras"])
@@ -294,6 +311,24 @@ def test_conv_statistics_count_every_position(rng, kind, axis):
     assert pooled(moments)[2][0] == 20 * 5 * 4
 
 
+def test_large_feature_maps_take_the_compiled_kernel(rng):
+    """Batches of 512 KiB per BN input run the kernel's own XLA cluster (blockwise sums), for
+    kerasbn's layer and Keras's; the second BN sees the first one's training-mode output."""
+    inputs = keras.Input((32, 32, 8))
+    first = make_bn("kerasbn_population", "bn1")
+    second = make_bn("keras", "bn2")
+    model = randomize(keras.Model(inputs, second(first(inputs))), rng)
+    x = rng.normal(3.0, 2.0, (40, 32, 32, 8)).astype("float32")
+    kerasbn.population_statistics(model, x, batch_size=16, verbose=0)
+    moments = {"bn1": [], "bn2": []}
+    for batch in split(x, 16):
+        y, *batch_moments = reference.forward(batch, first.gamma.numpy(), first.beta.numpy(),
+                                              (3,), first.epsilon)
+        moments["bn1"].append(squeeze(batch_moments))
+        moments["bn2"].append(squeeze(reference.moments(y, (3,))))
+    assert_statistics(model, {name: pooled(m) for name, m in moments.items()})
+
+
 def test_shared_layer_pools_every_call(rng):
     """A BN layer applied twice per forward pass sees both inputs as batches."""
     a, b = keras.Input((FEATURES,)), keras.Input((FEATURES,))
@@ -386,7 +421,7 @@ class WithSpareLayer(SubclassedNet):
 
 
 def test_layers_not_reached_are_left_alone(rng):
-    model = WithSpareLayer("keras")
+    model = WithSpareLayer("kerasbn_moving_average")
     model.spare.build((None, 3))
     model(make_data(rng, 2))
     randomize(model, rng)
@@ -463,6 +498,35 @@ def test_input_kinds(rng, kind):
     report = kerasbn.population_statistics(model, as_kind(kind, batches), verbose=0)
     assert_statistics(model, dense_reference(model, batches))
     assert (report.batches_used, report.samples_seen) == (3, 40)
+
+
+class ArrayLike:
+    """Neither a NumPy array nor a tensor, but convertible to one (as pandas, JAX arrays are)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __array__(self, dtype=None, copy=None):
+        return self.array
+
+
+@pytest.mark.parametrize("kind", ["tensor", "array_like"])
+def test_array_kinds(rng, kind):
+    model = make_net(rng)
+    x = make_data(rng, 40)
+    data = tf.constant(x) if kind == "tensor" else ArrayLike(x)
+    report = kerasbn.population_statistics(model, data, batch_size=16, verbose=0)
+    assert_statistics(model, dense_reference(model, split(x, 16)))
+    assert (report.batches_used, report.samples_seen) == (3, 40)
+
+
+def test_arrays_of_different_lengths_are_refused(rng):
+    model = two_input_model()
+    before = snapshot(model)
+    x = make_data(rng, 30)
+    with pytest.raises(ValueError, match=r"Received: arrays of lengths \[20, 30\]"):
+        kerasbn.population_statistics(model, [x[:20, :2], x[:, 2:]], verbose=0)
+    assert_unchanged(model, before)
 
 
 def two_input_model():
