@@ -115,8 +115,7 @@ class ExportReport:
         if self.fold is None:
             lines.append("BatchNormalization: not folded (fold=False)")
         else:
-            lines.append(self.fold.summary())
-            lines += self.fold.reasons()
+            lines += self.fold.lines()
         if self.quantization is not None:
             lines += self.quantization.lines(self.file_size)
         else:

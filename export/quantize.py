@@ -284,32 +284,22 @@ def _read_stream(stream, specs, max_samples, name):
 
 
 def _batch_arrays(x, specs, name, *, unbatched_ok=False):
-    """One batch `x` as a list of arrays in the order of `specs`, checked against them by
-    `signature.sample_arrays`; None for a batch of 0 examples."""
-    names = [spec.name for spec in specs]
-    if isinstance(x, Mapping):
-        values = [x.get(n) for n in names] if set(names) <= set(x) else None
-    else:
-        # A list or tuple holds one array per input, even for a one-input model.
-        values = list(x) if isinstance(x, (list, tuple)) else [x]
-        if len(values) != len(specs):
-            raise CalibrationError(
-                f"`{name}` must hold one array per model input ({names}). "
-                f"Received: {len(values)} arrays"
-            )
-    if values is not None:
-        if unbatched_ok:
-            values = [
-                np.asarray(v)[np.newaxis] if np.ndim(v) == len(spec.shape) - 1 else v
-                for v, spec in zip(values, specs, strict=True)
-            ]
-        if all(np.ndim(v) > 0 and np.shape(v)[0] == 0 for v in values):
-            return None  # an empty batch in a stream; all of `data` empty is reported once
-        x = dict(zip(names, values, strict=True))
+    """One batch `x` as a list of arrays in the order of `specs` (`signature.input_arrays`),
+    checked against them (`signature.check_batch`); with `unbatched_ok` an array without the
+    batch axis is one example. None for a batch of 0 examples."""
     try:
-        return signature.sample_arrays(specs, x, argument=name)
+        arrays = signature.input_arrays(specs, x, argument=name)
+        if unbatched_ok:
+            arrays = [
+                array[np.newaxis] if array.ndim == len(spec.shape) - 1 else array
+                for array, spec in zip(arrays, specs, strict=True)
+            ]
+        if all(array.ndim > 0 and len(array) == 0 for array in arrays):
+            return None  # an empty batch in a stream; all of `data` empty is reported once
+        signature.check_batch(specs, arrays, argument=name)
     except ValueError as error:
         raise CalibrationError(str(error)) from error
+    return arrays
 
 
 def _describe(data):
