@@ -187,7 +187,7 @@ def to_onnx(
 
     Raises:
         TypeError, ValueError: a bad argument or path, or a model without defined inputs;
-            before anything runs (`kerasbn.export.quantize.CalibrationError`, a ValueError, for
+            before anything runs (`kerasbn.export.CalibrationError`, a ValueError, for
             int8 calibration data that does not fit the model).
         ExportError: the conversion or ONNX Runtime failed; nothing is written.
         onnx.checker.ValidationError: tf2onnx produced an invalid model; nothing is written.
