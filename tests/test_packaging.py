@@ -64,9 +64,10 @@ def watched_dup2(fd, fd2, *args, **kwargs):
     return real_dup2(fd, fd2, *args, **kwargs)
 os.dup2 = watched_dup2
 before = dict(os.environ)
-# What TensorFlow and Keras do on import is theirs; what kerasbn adds is measured after them.
+# What the libraries kerasbn imports do on import is theirs (ONNX Runtime's quantization tools
+# import sympy, which adds a warnings filter on Python 3.10); kerasbn's own is measured after.
 import logging, warnings
-import keras, tensorflow
+import keras, onnx, onnxruntime.quantization.shape_inference, tensorflow, tf2onnx
 names = list(logging.root.manager.loggerDict)  # kerasbn's imports may add (unset) loggers
 def state():
     loggers = [(name, logging.getLogger(name).level) for name in names]
