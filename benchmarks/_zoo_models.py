@@ -25,6 +25,7 @@ import keras
 import numpy as np
 
 import kerasbn
+from kerasbn import _keras_compat
 
 # The smallest member (fewest parameters, measured with Keras 3.15 at each minimum size) of each
 # family: what CI and `zoo.py --quick` run. A family this table does not know (a new Keras)
@@ -140,7 +141,7 @@ def random_images(name: str, size: int, count: int, seed: int = 0) -> np.ndarray
 def batch_norm_layers(model) -> list:
     """Every BatchNormalization layer (Keras's or kerasbn's) of `model`, nested ones included."""
     kinds = (keras.layers.BatchNormalization, kerasbn.BatchNormalization)
-    return [layer for layer in model._flatten_layers() if isinstance(layer, kinds)]
+    return [layer for layer in _keras_compat.sublayers(model) if isinstance(layer, kinds)]
 
 
 def build(name: str, *, at_least: int = 1, seed: int = 0):
@@ -202,7 +203,7 @@ def bn_arithmetic(proto, model, bn_names=None) -> collections.Counter:
     """
     bn = {layer.name for layer in batch_norm_layers(model)}
     wanted = bn if bn_names is None else set(bn_names)
-    others = {layer.name for layer in model._flatten_layers()} - bn
+    others = {model.name, *(layer.name for layer in _keras_compat.sublayers(model))} - bn
 
     def owner(component):
         if component in bn:

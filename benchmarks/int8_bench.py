@@ -53,6 +53,7 @@ import tensorflow as tf
 import kerasbn
 from kerasbn.export import quantize as int8
 from kerasbn.export import to_onnx
+from kerasbn.export.calibration import BATCH
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -209,8 +210,8 @@ def keras_variant(model, calibration, directory):
         proto = onnx.load(float_path)
         image, *others = [i.name for i in proto.graph.input]
         extra = _keras_export_constants(model, others)
-        feeds = [{image: calibration[i:i + int8.BATCH], **extra}
-                 for i in range(0, len(calibration), int8.BATCH)]
+        feeds = [{image: calibration[i:i + BATCH], **extra}
+                 for i in range(0, len(calibration), BATCH)]
         onnx.save(int8.quantize_model(proto, feeds, method="minmax"), path)
     except Exception as error:  # noqa: BLE001
         return Variant(error=_short(error))

@@ -12,6 +12,7 @@ fully connected networks).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,6 +124,23 @@ def batches(data: Data, batch_size: int, *, seed: int = 0):
         .batch(batch_size, drop_remainder=True)
         .prefetch(2)
     )
+
+
+def train_steps(model, data: Data, *, batch_size: int, steps: int, measure_every: int, seed: int,
+                callback) -> float:
+    """Trains `model` for `steps` steps on the shuffled stream `batches(data, ...)`, as Keras
+    epochs of `measure_every` steps, so that `callback` (a `keras.callbacks.Callback`) can
+    measure at each epoch's end; returns the seconds it took."""
+    start = time.perf_counter()
+    model.fit(
+        batches(data, batch_size, seed=seed),
+        steps_per_epoch=measure_every,
+        epochs=steps // measure_every,
+        shuffle=False,  # the stream is shuffled already
+        verbose=0,
+        callbacks=[callback],
+    )
+    return time.perf_counter() - start
 
 
 def accuracy(model, x, y, *, batch_size: int = 1000) -> float:

@@ -26,7 +26,6 @@ kerasbn_programs.quiet_tensorflow_import()  # before anything imports TensorFlow
 import argparse
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -137,16 +136,10 @@ def train(run: Run, data: _data.Data, *, steps: int, eval_every: int, seed: int)
         loss="sparse_categorical_crossentropy",
     )
     result = Result(run.name, seed)
-    start = time.perf_counter()
-    model.fit(
-        _data.batches(data, BATCH_SIZE, seed=seed),
-        steps_per_epoch=eval_every,
-        epochs=steps // eval_every,
-        shuffle=False,  # the stream is shuffled already
-        verbose=0,
-        callbacks=[_Recorder(result, data, eval_every)],
+    result.seconds = _data.train_steps(
+        model, data, batch_size=BATCH_SIZE, steps=steps, measure_every=eval_every, seed=seed,
+        callback=_Recorder(result, data, eval_every),
     )
-    result.seconds = time.perf_counter() - start
     return result
 
 

@@ -27,7 +27,6 @@ kerasbn_programs.quiet_tensorflow_import()  # before anything imports TensorFlow
 
 import argparse
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -120,16 +119,10 @@ def train(data: _data.Data, *, batch_norm: bool, steps: int, eval_every: int, un
         loss="sparse_categorical_crossentropy",
     )
     record = Record("with BN" if batch_norm else "without BN")
-    start = time.perf_counter()
-    model.fit(
-        _data.batches(data, BATCH_SIZE, seed=seed),
-        steps_per_epoch=eval_every,
-        epochs=steps // eval_every,
-        shuffle=False,  # the stream is shuffled already
-        verbose=0,
-        callbacks=[_Recorder(record, data, probe_x, unit, eval_every)],
+    record.seconds = _data.train_steps(
+        model, data, batch_size=BATCH_SIZE, steps=steps, measure_every=eval_every, seed=seed,
+        callback=_Recorder(record, data, probe_x, unit, eval_every),
     )
-    record.seconds = time.perf_counter() - start
     return record
 
 

@@ -31,7 +31,6 @@ kerasbn_programs.quiet_tensorflow_import()  # before anything imports TensorFlow
 
 import argparse
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -153,17 +152,13 @@ def train(method, data, *, batch_size, epochs, measures_per_epoch, seed) -> list
     curves = [Curve(method, batch_size, seed)]
     if method == "BN":
         curves.append(Curve("BN+population", batch_size, seed))
-    start = time.perf_counter()
-    model.fit(
-        _data.batches(data, batch_size, seed=seed),
-        steps_per_epoch=steps_per_measure,
-        epochs=epochs * steps_per_epoch // steps_per_measure,
-        shuffle=False,  # the stream is shuffled already
-        verbose=0,
-        callbacks=[_Measure(curves, data, batch_size, steps_per_measure)],
+    seconds = _data.train_steps(
+        model, data, batch_size=batch_size, steps=epochs * steps_per_epoch,
+        measure_every=steps_per_measure, seed=seed,
+        callback=_Measure(curves, data, batch_size, steps_per_measure),
     )
     for curve in curves:
-        curve.seconds = time.perf_counter() - start
+        curve.seconds = seconds
     return curves
 
 

@@ -12,10 +12,10 @@ Public API:
     CalibrationError  int8 calibration data that does not fit the model (a ValueError)
 """
 
+from kerasbn.export.calibration import CalibrationError
 from kerasbn.export.errors import ExportError, VerificationError
 from kerasbn.export.folding import fold_batchnorm
 from kerasbn.export.onnx import ExportReport, to_onnx
-from kerasbn.export.quantize import CalibrationError
 from kerasbn.export.report import FoldRecord, FoldReport
 from kerasbn.export.verification import Verification, verify
 

@@ -268,32 +268,24 @@ def _add_int8_arguments(parser):
     )
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
+def _bounded(convert, accepts, requirement):
+    """An argparse type: `convert(text)`, refused with "must be {requirement}" unless
+    `accepts` it (text that does not convert gets argparse's own "invalid ... value")."""
+
+    def parse(text):
+        value = convert(text)
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+
+    parse.__name__ = convert.__name__  # argparse names the type in "invalid int value: 'x'"
+    return parse
 
 
-def _fraction(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text}")
-    return value
-
-
-def _non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def _non_negative_float(text):
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+_positive_int = _bounded(int, lambda n: n >= 1, "an integer >= 1")
+_non_negative_int = _bounded(int, lambda n: n >= 0, "an integer >= 0")
+_fraction = _bounded(float, lambda x: 0 <= x <= 1, "a number from 0 to 1")
+_non_negative_float = _bounded(float, lambda x: 0 <= x < float("inf"), "a finite number >= 0")
 
 
 def _shape(text):
@@ -416,9 +408,7 @@ def _run_fold(arguments):
             size = os.path.getsize(temporary)
     except Exception as error:  # noqa: BLE001  (as above)
         return _failed("fold", error)
-    print(report.summary())
-    for line in report.reasons():
-        print(line)
+    print("\n".join(report.lines()))
     print(f"wrote {output} ({files.human_size(size)})")
     return EXIT_OK
 

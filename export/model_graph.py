@@ -31,7 +31,7 @@ class ModelGraph:
 
     def __init__(self, model):
         self.nodes = _keras_compat.graph_nodes(model)
-        self.outputs = {id(t) for t in _keras_compat.graph_outputs(model)}
+        self.outputs = {id(t) for t in model.outputs}
         self.readers = collections.defaultdict(list)
         for node in self.nodes:
             for tensor in node.input_tensors:

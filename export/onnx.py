@@ -115,8 +115,7 @@ class ExportReport:
         if self.fold is None:
             lines.append("BatchNormalization: not folded (fold=False)")
         else:
-            lines.append(self.fold.summary())
-            lines += self.fold.reasons()
+            lines += self.fold.lines()
         if self.quantization is not None:
             lines += self.quantization.lines(self.file_size)
         else:
@@ -188,7 +187,7 @@ def to_onnx(
 
     Raises:
         TypeError, ValueError: a bad argument or path, or a model without defined inputs;
-            before anything runs (`kerasbn.export.quantize.CalibrationError`, a ValueError, for
+            before anything runs (`kerasbn.export.CalibrationError`, a ValueError, for
             int8 calibration data that does not fit the model).
         ExportError: the conversion or ONNX Runtime failed; nothing is written.
         onnx.checker.ValidationError: tf2onnx produced an invalid model; nothing is written.

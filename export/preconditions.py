@@ -2,7 +2,7 @@
 
 A check takes a `Site` (one BN call and the neighbour it would fold into) and returns a sentence
 for the report when the fold must not happen. `PRECONDITIONS` is the numbered list below, in the
-order the planner (`kerasbn.export.plan`) runs them; `tests/test_graph.py` checks that this list,
+order the planner (`kerasbn.export.plan`) runs them; `tests/test_folding.py` checks that this list,
 the code and its grid of refusal cases stay in step.
 
     For every BN (else "refused", the BN stays as it is):

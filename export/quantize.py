@@ -52,10 +52,9 @@ import numbers
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-import keras
 import numpy as np
 import onnx
 import onnxruntime
@@ -68,7 +67,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from kerasbn.export import signature
+from kerasbn.export.calibration import calibration_feeds, example_count
 from kerasbn.export.errors import ExportError
 
 QUANTIZE_MODES = ("int8",)
@@ -79,15 +78,8 @@ CALIBRATION_METHODS = {
 }
 DEFAULT_CALIBRATION_SAMPLES = 256
 DEFAULT_MIN_AGREEMENT = 0.99
-# Calibration and verification run ONNX Runtime on batches of this many examples: large enough
-# to amortize a call, small enough that the calibrator's copy of every activation stays modest.
-BATCH = 32
 # The ops that carry the weights: quantized, they run as QLinearConv / QGemm / MatMulInteger.
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-class CalibrationError(ValueError):
-    """`calibration` (or `samples` of an int8 export) cannot be read as the model's inputs."""
 
 
 # --- arguments -----------------------------------------------------------------------------------
@@ -98,8 +90,8 @@ class Int8Plan:
     """Everything an int8 export needs, checked and read before any conversion starts.
 
     Attributes:
-        calibration: ONNX feed dicts (input name → float array, batch first), at most `BATCH`
-            examples each.
+        calibration: ONNX feed dicts (input name → float array, batch first), at most
+            `calibration.BATCH` examples each (`calibration.calibration_feeds`).
         verification: feed dicts to verify on: `samples` when given, else `calibration`; None
             when verification is off.
         method: a key of `CALIBRATION_METHODS`.
@@ -128,7 +120,7 @@ class Int8Plan:
                             self.verification)
         return quantized, QuantizationReport(
             method=self.method,
-            calibration_samples=_count(self.calibration),
+            calibration_samples=example_count(self.calibration),
             float_file_size=proto.ByteSize(),
             structure=quantized_structure(quantized),
             check=check,
@@ -190,137 +182,6 @@ def plan(quantize, *, calibration, calibration_method, calibration_samples, min_
 def _check_count(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
-
-
-# --- calibration data ----------------------------------------------------------------------------
-
-
-def calibration_feeds(data, specs, *, max_samples=DEFAULT_CALIBRATION_SAMPLES,
-                      name="calibration"):
-    """`data` as a list of ONNX feed dicts of at most `BATCH` examples, `max_samples` in all.
-
-    Accepted forms of `data` (batch first, as `model.predict` takes them):
-        * an array: the one input of a one-input model;
-        * a list or tuple of arrays, one per model input in the order of `model.inputs`;
-        * a dict from input name to array;
-        * a `tf.data.Dataset`, generator, or any other iterable of batches, each one of the
-          forms above or an `(x, y)` / `(x, y, sample_weight)` tuple whose `x` is (as Keras
-          unpacks a dataset's elements: a multi-input model's `x` is a tuple or dict inside
-          it). An element without the batch axis (an unbatched dataset) is one example.
-    A stream is read only until `max_samples` examples are in (None: all of it), so an endless
-    generator or a repeated dataset is fine. Arrays are cast to the input's dtype.
-
-    `specs` are the model's `signature.InputSpec`s.
-
-    Raises:
-        TypeError: `data` is None, a string, a number or another non-data object.
-        CalibrationError: arrays that do not fit the inputs (count, names, shape, batch sizes),
-            non-finite values, or no examples at all.
-    """
-    if data is None or isinstance(data, (str, bytes, numbers.Number)):
-        raise TypeError(
-            f"`{name}` must be an array, a list or dict of arrays, a tf.data.Dataset or an "
-            f"iterable of batches. Received: {name}={data!r}"
-        )
-    if _is_batch(data):
-        batches = [_batch_arrays(data, specs, name)]
-    elif isinstance(data, Iterable):
-        batches = _read_stream(data, specs, max_samples, name)
-    else:
-        raise TypeError(
-            f"`{name}` must be an array, a list or dict of arrays, a tf.data.Dataset or an "
-            f"iterable of batches. Received: {name} of type {type(data).__name__}"
-        )
-    batches = [arrays for arrays in batches if arrays is not None]
-    if not batches:
-        raise CalibrationError(f"`{name}` holds no examples. Received: {_describe(data)}")
-    arrays = [np.concatenate(column) for column in zip(*batches, strict=True)]
-    if max_samples is not None:
-        arrays = [a[:max_samples] for a in arrays]
-    for spec, array in zip(specs, arrays, strict=True):
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            raise CalibrationError(
-                f"`{name}` for input {spec.name!r} holds NaN or infinite values, which would "
-                "make its int8 range meaningless. Received: "
-                f"{int((~np.isfinite(array)).sum())} non-finite of {array.size} values"
-            )
-    return [
-        {spec.name: array[start:start + BATCH] for spec, array in zip(specs, arrays, strict=True)}
-        for start in range(0, len(arrays[0]), BATCH)
-    ]
-
-
-def _is_batch(data):
-    """Data itself (an array, or arrays per input), as opposed to a stream of batches."""
-    if isinstance(data, Mapping) or _is_array(data):
-        return True
-    return isinstance(data, (list, tuple)) and all(_is_array(item) for item in data) and bool(data)
-
-
-def _is_array(value):
-    # NumPy arrays, tf.Tensor, Keras/JAX/Torch tensors: whatever NumPy can take as an array.
-    return isinstance(value, np.ndarray) or (
-        hasattr(value, "__array__") and hasattr(value, "shape")
-    )
-
-
-def _read_stream(stream, specs, max_samples, name):
-    batches, total = [], 0
-    for element in stream:
-        x = element
-        if isinstance(element, (list, tuple)):
-            if not 1 <= len(element) <= 3:
-                raise CalibrationError(
-                    f"A batch of `{name}` given as a tuple must be (x,), (x, y) or "
-                    f"(x, y, sample_weight). Received: a tuple of {len(element)} items"
-                )
-            x = keras.utils.unpack_x_y_sample_weight(element)[0]
-        arrays = _batch_arrays(x, specs, name, unbatched_ok=True)
-        batches.append(arrays)
-        total += 0 if arrays is None else len(arrays[0])
-        if max_samples is not None and total >= max_samples:
-            break
-    return batches
-
-
-def _batch_arrays(x, specs, name, *, unbatched_ok=False):
-    """One batch `x` as a list of arrays in the order of `specs`, checked against them by
-    `signature.sample_arrays`; None for a batch of 0 examples."""
-    names = [spec.name for spec in specs]
-    if isinstance(x, Mapping):
-        values = [x.get(n) for n in names] if set(names) <= set(x) else None
-    else:
-        # A list or tuple holds one array per input, even for a one-input model.
-        values = list(x) if isinstance(x, (list, tuple)) else [x]
-        if len(values) != len(specs):
-            raise CalibrationError(
-                f"`{name}` must hold one array per model input ({names}). "
-                f"Received: {len(values)} arrays"
-            )
-    if values is not None:
-        if unbatched_ok:
-            values = [
-                np.asarray(v)[np.newaxis] if np.ndim(v) == len(spec.shape) - 1 else v
-                for v, spec in zip(values, specs, strict=True)
-            ]
-        if all(np.ndim(v) > 0 and np.shape(v)[0] == 0 for v in values):
-            return None  # an empty batch in a stream; all of `data` empty is reported once
-        x = dict(zip(names, values, strict=True))
-    try:
-        return signature.sample_arrays(specs, x, argument=name)
-    except ValueError as error:
-        raise CalibrationError(str(error)) from error
-
-
-def _describe(data):
-    shape = getattr(data, "shape", None)
-    return f"{type(data).__name__} of shape {tuple(shape)}" if shape is not None else (
-        f"an empty {type(data).__name__}"
-    )
-
-
-def _count(feeds):
-    return sum(len(next(iter(feed.values()))) for feed in feeds)
 
 
 class FeedReader(CalibrationDataReader):

@@ -83,9 +83,11 @@ class FoldReport:
             f"({forward} forward), {len(self.refused)} refused, {len(self.kept)} kept"
         )
 
-    def reasons(self) -> list[str]:
-        """One indented line per refused or kept BN: what happened and why."""
-        return [f"  {r.action} {r.bn}: {r.reason}" for r in self.refused + self.kept]
+    def lines(self) -> list[str]:
+        """The summary, then one indented line per refused or kept BN with its reason: the
+        short form the `kerasbn` command and `ExportReport` print (`str()` is the full table)."""
+        reasons = [f"  {r.action} {r.bn}: {r.reason}" for r in self.refused + self.kept]
+        return [self.summary(), *reasons]
 
     def __str__(self) -> str:
         rows = [("BN", "action", "into / after", "reason")]

@@ -111,8 +111,17 @@ def example_batches(specs, samples, random_samples=None):
 
 def sample_arrays(specs, samples, argument="samples"):
     """`samples` (an array, a list or tuple of arrays in input order, or a dict by input name)
-    as a list of arrays in input order, each checked against its input's shape; ValueError
-    naming `argument`. A nested list of numbers for a one-input model is that input's array."""
+    as a list of arrays in input order (`input_arrays`), checked as one batch (`check_batch`);
+    ValueError or TypeError naming `argument`."""
+    arrays = input_arrays(specs, samples, argument)
+    check_batch(specs, arrays, argument)
+    return arrays
+
+
+def input_arrays(specs, samples, argument="samples"):
+    """`samples` as a list of arrays in input order, each cast to its input's dtype: one per
+    input of a list or tuple or of a dict by input name, or `samples` itself for a one-input
+    model (also a nested list of numbers). ValueError/TypeError naming `argument`."""
     names = [spec.name for spec in specs]
     if isinstance(samples, Mapping):
         missing = sorted(set(names) - set(samples))
@@ -136,11 +145,16 @@ def sample_arrays(specs, samples, argument="samples"):
             f"Received: {len(arrays)} arrays"
         )
     try:
-        arrays = [np.asarray(a, dtype=s.dtype) for a, s in zip(arrays, specs, strict=True)]
+        return [np.asarray(a, dtype=s.dtype) for a, s in zip(arrays, specs, strict=True)]
     except (TypeError, ValueError) as error:
         raise TypeError(
             f"`{argument}` must hold numeric arrays. Received: {argument}={samples!r:.80}"
         ) from error
+
+
+def check_batch(specs, arrays, argument="samples"):
+    """ValueError naming `argument` unless `arrays` (one per input, in input order) fit their
+    inputs' shapes and are one batch of at least one example."""
     for array, spec in zip(arrays, specs, strict=True):
         fits = array.ndim == len(spec.shape) and all(
             d is None or d == s for d, s in zip(spec.shape[1:], array.shape[1:], strict=True)
@@ -160,7 +174,6 @@ def sample_arrays(specs, samples, argument="samples"):
             f"`{argument}` holds no examples (0 rows). Received: shapes="
             f"{[a.shape for a in arrays]}"
         )
-    return arrays
 
 
 def _random_array(rng, spec, count, like):

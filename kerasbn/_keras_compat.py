@@ -1,11 +1,12 @@
 """Every use of Keras internals in kerasbn, in one place.
 
-Keras 3 has no public way to read a functional model's graph (which layer call made a tensor,
-the calls in topological order), to run that graph with one layer's call replaced, to list the
-layers a layer calls inside its own `call`, or to rebuild a layer with safe mode off in a
-scope. Each function below wraps one such assumption and
-`tests/test_keras_compat.py` probes each one, so a Keras release that changes one fails one
-named test instead of a user's export.
+Keras 3 has no public way to read a functional model's graph (which layer call made a tensor, the
+calls in topological order), to run that graph with one layer's call replaced, to list the layers a
+layer calls inside its own `call`, to read the values a layer's `save_own_variables` stored, or to
+rebuild a layer with safe mode off in a scope. Each function below wraps one such assumption and
+`tests/test_keras_compat.py` probes each one, so a Keras release that changes one fails one named
+test instead of a user's export. Where a public API does the job (`model.layers`, `model.inputs`,
+`model.outputs`), kerasbn uses it and not this module.
 """
 
 from __future__ import annotations
@@ -44,11 +45,6 @@ def graph_nodes(model):
     ]
 
 
-def graph_outputs(model):
-    function = model._functional if isinstance(model, keras.Sequential) else model
-    return function.outputs
-
-
 def is_runnable_graph(layer):
     """Whether `run_graph` can run `layer`: a Functional model, or a Sequential one with its
     graph built (an input shape known)."""
@@ -83,7 +79,12 @@ def producer(tensor):
     operation = history.operation
     if operation is None or isinstance(operation, keras.layers.InputLayer):
         return None, None
-    return operation, operation._inbound_nodes[history.node_index]
+    return operation, call_nodes(operation)[history.node_index]
+
+
+def call_nodes(layer):
+    """The nodes of every call of `layer` on symbolic tensors, in any model, in call order."""
+    return layer._inbound_nodes
 
 
 def layer_name(tensor):
@@ -103,6 +104,12 @@ def sublayers(layer):
     """Every layer `layer` tracks below itself (recursively, each once), whether or not its
     graph shows the calls: the layer a TimeDistributed wraps, a subclassed layer's parts."""
     return layer._flatten_layers(include_self=False, recursive=True)
+
+
+def saved_variables(store):
+    """The values `layer.save_own_variables(store)` wrote, in the layer's variable order
+    (trainable first): Keras keys them "0", "1", ... in that order."""
+    return [store[str(i)] for i in range(len(store.keys()))]
 
 
 def layer_from_config(layer_class, config):

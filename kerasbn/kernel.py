@@ -31,7 +31,7 @@ become Σw·(…). Every position is still normalized, so ∂ℓ/∂β and ∂�
 position, and the correction term of ∂ℓ/∂x is multiplied by w (derivation: ∂μ/∂x_i = w_i/m and
 ∂σ²/∂x_i = 2·w_i·(x_i−μ)/m).
 
-The stages (`shifted_sums` → `moments_from_sums`; `gradient_sums` → `input_gradient`) are
+The stages (`shifted_sums` → `centered_moments`; `gradient_sums` → `input_gradient`) are
 separate functions so that a synchronized layer can all-reduce the sums between them.
 
 Batch Renormalization (Ioffe, 2017; `Renorm`, `renorm_correction`): y = γ·(r·x̂ + d) + β with
@@ -251,24 +251,6 @@ def centered_moments(count, sum_shifted, sum_sq_shifted):
         tf.math.divide_no_nan(sum_sq_shifted, count) - tf.square(shifted_mean), 0.0
     )
     return shifted_mean, variance
-
-
-def moments_from_sums(shift, count, sum_shifted, sum_sq_shifted):
-    """Mean and biased variance from shifted sums (0 and 0 for a channel with count 0)."""
-    shifted_mean, variance = centered_moments(count, sum_shifted, sum_sq_shifted)
-    return shift + shifted_mean, variance
-
-
-def batch_moments(x, reduction_axes, weights=None):
-    """(mean, biased variance, count) per channel, in float32, in one shifted pass over x."""
-    x = _as_statistics_dtype(x)
-    if weights is not None:
-        weights = _as_statistics_dtype(weights)
-    shift = reference_value(x, reduction_axes, weights)
-    count = value_count(x, reduction_axes, weights)
-    sums = shifted_sums(x, shift, reduction_axes, weights)
-    mean, variance = moments_from_sums(shift, count, *sums)
-    return mean, variance, count
 
 
 def inverse_std(variance, epsilon):

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from keras import constraints, initializers, ops, regularizers
 
-from kerasbn import _sync, kernel, updates
+from kerasbn import _keras_compat, _sync, kernel, updates
 from kerasbn import activation as activations
 from kerasbn._axes import canonical_axis, normalize_axes, reduction_axes
 
@@ -566,9 +566,8 @@ class BatchNormalization(keras.layers.Layer):
 
     def load_own_variables(self, store):
         """Loads our own saved variables, or those a `keras.layers.BatchNormalization` saved."""
-        keras_variables = self._keras_compatible_variables()
-        if len(store.keys()) == len(keras_variables) != len(self.variables):
-            values = [store[str(i)] for i in range(len(keras_variables))]
+        values = _keras_compat.saved_variables(store)
+        if len(values) == len(self._keras_compatible_variables()) != len(self.variables):
             self.set_weights(values)
             return
         super().load_own_variables(store)

@@ -11,6 +11,7 @@ import onnxruntime
 import pytest
 
 import kerasbn
+from kerasbn import _keras_compat
 
 BN_TYPES = (kerasbn.BatchNormalization, keras.layers.BatchNormalization)
 # Keras added Batch Renormalization back in 3.14; on Python 3.10, pip installs Keras 3.12.
@@ -22,6 +23,11 @@ def keras_batch_normalization(**kwargs):
     if kwargs.get("renorm") and not KERAS_HAS_RENORM:
         pytest.skip(f"Keras {keras.__version__} has no Batch Renormalization (3.14+ has)")
     return keras.layers.BatchNormalization(**kwargs)
+
+
+def tracked_layers(model):
+    """`model` and every layer it tracks below itself, subclassed parts included."""
+    return [model, *_keras_compat.sublayers(model)]
 
 
 def all_layers(model):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import kerasbn
+from kerasbn import _keras_compat
 from kerasbn.export import FoldRecord, FoldReport, fold_batchnorm, preconditions, rewrite
 from tests.helpers import Subclassed, all_layers, bn_layers, keras_batch_normalization, randomize_bn
 
@@ -779,7 +780,7 @@ def _snapshot(model):
     return (
         [w.copy() for w in model.get_weights()],
         keras.saving.serialize_keras_object(model),
-        {layer.name: len(layer._inbound_nodes) for layer in all_layers(model)},
+        {layer.name: len(_keras_compat.call_nodes(layer)) for layer in all_layers(model)},
     )
 
 

@@ -192,16 +192,43 @@ def test_reference_backward_agrees_with_finite_differences():
     np.testing.assert_allclose(dx, numeric, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("location", [1e4, -1e4, 3e5])
-def test_moments_are_stable_for_large_means(location):
-    """Mean 1e4, std 0.1 in float32: E[x²]−E[x]² would give noise; the shifted pass gives the
-    variance to 1e-3 relative (of the float32 data's own float64 variance)."""
+def _training_moments(x, axes, monkeypatch, sums):
+    """The batch mean and biased variance as training computes them (`fused_batch_norm`, the
+    kernel the layer calls), with its sums taken whole ("plain") or in blocks of a few rows
+    ("blockwise", the CPU path for large tensors; forced here on a small one)."""
+    if sums == "blockwise":
+        monkeypatch.setattr(kernel, "_BLOCKWISE_MIN_BYTES", 0)
+        monkeypatch.setattr(kernel, "_BLOCK_BYTES", 4 * 64)
+    monkeypatch.setattr(kernel, "sums_strategy", lambda device: sums)
+    channels = tuple(x.shape[a] for a in axes)
+    ones, zeros = np.ones(channels, np.float32), np.zeros(channels, np.float32)
+    _, mean, variance, *_ = _run_fused(x, axes, ones, zeros, np.zeros_like(x), 1e-3)
+    return mean, variance
+
+
+# A shape per case: the compiled kernel is traced once per shape, and the sums strategy is
+# chosen at trace time.
+STABILITY_CASES = [
+    (1e4, "plain", (64, 7, 7, 3)),
+    (-1e4, "plain", (63, 7, 7, 3)),
+    (3e5, "plain", (62, 7, 7, 3)),
+    (1e4, "blockwise", (61, 7, 7, 3)),
+    (3e5, "blockwise", (60, 7, 7, 3)),
+]
+
+
+@pytest.mark.parametrize(
+    "location,sums,shape", STABILITY_CASES, ids=[f"{c[0]:g}-{c[1]}" for c in STABILITY_CASES]
+)
+def test_training_moments_are_stable_for_large_means(monkeypatch, location, sums, shape):
+    """Mean 1e4, std 0.1 in float32: E[x²]−E[x]² would give noise; the shifted pass training
+    uses gives the variance to 1e-3 relative (of the float32 data's own float64 variance)."""
     rng = np.random.default_rng(2)
-    x = (location + 0.1 * rng.standard_normal((64, 7, 7, 3))).astype(np.float32)
-    mean, variance, _ = kernel.batch_moments(tf.constant(x), (0, 1, 2))
+    x = (location + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    mean, variance = _training_moments(x, (3,), monkeypatch, sums)
     ref_mean, ref_var, _ = reference.moments(x, (3,))
-    np.testing.assert_allclose(variance.numpy(), ref_var, rtol=1e-3)
-    np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-7)
+    np.testing.assert_allclose(variance, ref_var, rtol=1e-3)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-7)
 
     # The naive formula fails here, which is what makes this test able to fail.
     naive = np.mean(x * x, axis=(0, 1, 2)) - np.mean(x, axis=(0, 1, 2)) ** 2
@@ -218,10 +245,11 @@ def test_training_output_is_accurate_for_large_means():
     np.testing.assert_allclose(y, ref_y, atol=1e-3)
 
 
-def test_constant_channel_has_zero_variance_not_negative():
-    x = np.full((16, 3), 7.25, np.float32)
-    _, variance, _ = kernel.batch_moments(tf.constant(x), (0,))
-    assert np.all(variance.numpy() == 0.0)
+@pytest.mark.parametrize("sums,shape", [("plain", (16, 3)), ("blockwise", (17, 3))])
+def test_constant_channel_has_zero_variance_not_negative(monkeypatch, sums, shape):
+    x = np.full(shape, 7.25, np.float32)
+    _, variance = _training_moments(x, (1,), monkeypatch, sums)
+    assert np.all(variance == 0.0)
 
 
 def test_inference_affine_is_the_inference_transform():

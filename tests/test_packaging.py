@@ -64,11 +64,23 @@ def watched_dup2(fd, fd2, *args, **kwargs):
     return real_dup2(fd, fd2, *args, **kwargs)
 os.dup2 = watched_dup2
 before = dict(os.environ)
+# What the libraries kerasbn imports do on import is theirs (ONNX Runtime's quantization tools
+# import sympy, which adds a warnings filter on Python 3.10); kerasbn's own is measured after.
+import logging, warnings
+import keras, onnx, onnxruntime.quantization.shape_inference, tensorflow, tf2onnx
+names = list(logging.root.manager.loggerDict)  # kerasbn's imports may add (unset) loggers
+def state():
+    loggers = [(name, logging.getLogger(name).level) for name in names]
+    return (list(warnings.filters), logging.root.level, loggers, sys.stdout, sys.stderr,
+            keras.mixed_precision.global_policy().name, keras.config.floatx(),
+            tensorflow.config.functions_run_eagerly())
+libraries = state()
 import kerasbn, kerasbn.export
 after = dict(os.environ)
 changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 print("redirected", redirected)
 print("environment", changed)
+print("global state unchanged", state() == libraries)
 """
 
 
@@ -81,6 +93,7 @@ def test_importing_kerasbn_leaves_the_process_streams_and_environment_alone(tmp_
     )
     assert "redirected []" in result.stdout, result.stdout
     assert "environment []" in result.stdout, result.stdout
+    assert "global state unchanged True" in result.stdout, result.stdout
 
 
 def test_programs_start_tensorflow_quietly_and_restore_stderr(tmp_path):

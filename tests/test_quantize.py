@@ -24,7 +24,8 @@ import kerasbn
 from kerasbn.export import VerificationError, cli, fold_batchnorm, to_onnx
 from kerasbn.export import onnx as onnx_module
 from kerasbn.export import quantize as int8
-from kerasbn.export.quantize import CalibrationError, calibration_feeds, quantized_structure
+from kerasbn.export.calibration import BATCH, CalibrationError, calibration_feeds
+from kerasbn.export.quantize import quantized_structure
 from tests.helpers import randomize_bn
 
 L = keras.layers
@@ -59,7 +60,7 @@ def stacked(feeds, name):
 def test_an_array_becomes_float32_batches_capped_at_max_samples():
     x = images(100)
     feeds = calibration_feeds(x, ONE, max_samples=70)
-    assert [len(f["image"]) for f in feeds] == [int8.BATCH, int8.BATCH, 70 - 2 * int8.BATCH]
+    assert [len(f["image"]) for f in feeds] == [BATCH, BATCH, 70 - 2 * BATCH]
     assert all(f["image"].dtype == np.float32 for f in feeds)
     np.testing.assert_array_equal(stacked(feeds, "image"), x[:70].astype(np.float32))
 
@@ -68,14 +69,14 @@ def test_an_array_becomes_float32_batches_capped_at_max_samples():
 def test_several_inputs_as_list_tuple_or_dict(form):
     a, b = two_inputs(5)
     data = {"list": [a, b], "tuple": (a, b), "dict": {"b": b, "a": a, "unused": a}}[form]
-    (feed,) = calibration_feeds(data, TWO)
+    (feed,) = calibration_feeds(data, TWO, max_samples=None)
     assert sorted(feed) == ["a", "b"]
     np.testing.assert_array_equal(feed["a"], a.astype(np.float32))
     np.testing.assert_array_equal(feed["b"], b.astype(np.float32))
 
 
 def test_a_tensor_is_data():
-    (feed,) = calibration_feeds(tf.constant(images(3)), ONE)
+    (feed,) = calibration_feeds(tf.constant(images(3)), ONE, max_samples=None)
     np.testing.assert_array_equal(feed["image"], images(3).astype(np.float32))
 
 
@@ -90,14 +91,14 @@ def test_a_batched_dataset_of_x_or_keras_tuples(element):
 
 def test_an_unbatched_dataset_counts_each_element_as_one_example():
     x = images(10)
-    feeds = calibration_feeds(tf.data.Dataset.from_tensor_slices(x), ONE)
+    feeds = calibration_feeds(tf.data.Dataset.from_tensor_slices(x), ONE, max_samples=None)
     np.testing.assert_allclose(stacked(feeds, "image"), x, rtol=1e-6)
 
 
 def test_a_multi_input_dataset_of_dicts_with_labels():
     a, b = two_inputs(8)
     dataset = tf.data.Dataset.from_tensor_slices(({"a": a, "b": b}, np.zeros(8))).batch(3)
-    feeds = calibration_feeds(dataset, TWO)
+    feeds = calibration_feeds(dataset, TWO, max_samples=None)
     np.testing.assert_allclose(stacked(feeds, "b"), b, rtol=1e-6)
 
 
@@ -134,7 +135,7 @@ def test_a_stream_keeps_its_order_and_stops_at_max_samples(sizes, max_samples):
         return
     feeds = calibration_feeds(stream(), ONE, max_samples=max_samples)
     np.testing.assert_array_equal(stacked(feeds, "image"), x[:max_samples])
-    assert all(0 < len(f["image"]) <= int8.BATCH for f in feeds)
+    assert all(0 < len(f["image"]) <= BATCH for f in feeds)
     # Read up to the first batch that reaches max_samples, and not one batch more.
     enough = np.flatnonzero(ends >= max_samples)
     assert len(pulled) == (enough[0] + 1 if enough.size else len(sizes))
@@ -142,7 +143,9 @@ def test_a_stream_keeps_its_order_and_stops_at_max_samples(sizes, max_samples):
 
 def test_a_generator_of_multi_input_tuples_inside_x_y():
     a, b = two_inputs(6)
-    feeds = calibration_feeds((((a[i:i + 2], b[i:i + 2]), None) for i in (0, 2, 4)), TWO)
+    feeds = calibration_feeds(
+        (((a[i:i + 2], b[i:i + 2]), None) for i in (0, 2, 4)), TWO, max_samples=None
+    )
     np.testing.assert_allclose(stacked(feeds, "a"), a, rtol=1e-6)
 
 
@@ -153,7 +156,7 @@ def test_a_generator_of_multi_input_tuples_inside_x_y():
                          ids=["None", "str", "float", "int", "object"])
 def test_what_is_not_data_is_a_type_error(value):
     with pytest.raises(TypeError, match=r"`calibration` must be an array.*Received: calibration"):
-        calibration_feeds(value, ONE)
+        calibration_feeds(value, ONE, max_samples=None)
 
 
 @pytest.mark.parametrize(
@@ -178,24 +181,24 @@ def test_what_is_not_data_is_a_type_error(value):
 )
 def test_data_that_does_not_fit_is_a_calibration_error(data, message):
     with pytest.raises(CalibrationError, match=message):
-        calibration_feeds(data, ONE)
+        calibration_feeds(data, ONE, max_samples=None)
 
 
 def test_batch_sizes_must_match_across_inputs():
     a, b = two_inputs(5)
     with pytest.raises(CalibrationError, match=r"Received: batch sizes=\[5, 4\]"):
-        calibration_feeds([a, b[:4]], TWO)
+        calibration_feeds([a, b[:4]], TWO, max_samples=None)
 
 
 def test_a_non_array_inside_a_batch_is_a_type_error():
     a, _ = two_inputs(5)
     with pytest.raises(TypeError, match="`calibration` must hold numeric arrays"):
-        calibration_feeds({"a": a, "b": "pixels"}, TWO)
+        calibration_feeds({"a": a, "b": "pixels"}, TWO, max_samples=None)
 
 
 def test_the_error_names_samples_when_verification_data_is_wrong():
     with pytest.raises(CalibrationError, match="`samples` for input 'image'"):
-        calibration_feeds(np.zeros((2, 3)), ONE, name="samples")
+        calibration_feeds(np.zeros((2, 3)), ONE, max_samples=None, name="samples")
 
 
 # --- arguments of to_onnx, checked before any conversion -----------------------------------------

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 import kerasbn
 from tests import reference
-from tests.helpers import keras_batch_normalization
+from tests.helpers import keras_batch_normalization, tracked_layers
 
 FEATURES, HIDDEN, OUTPUTS = 6, 8, 4
 BN_NAMES = ("bn1", "bn2")
@@ -39,7 +39,7 @@ def squeeze(moments):
 
 
 def layers_by_name(model):
-    return {layer.name: layer for layer in model._flatten_layers()}
+    return {layer.name: layer for layer in tracked_layers(model)}
 
 
 def bn_forward(layer, h):
@@ -144,7 +144,7 @@ TOPOLOGIES = {"sequential": sequential, "functional": functional, "subclassed": 
 
 def randomize(model, rng):
     """Random gamma/beta (so BN outputs matter downstream) and statistics far from the truth."""
-    for layer in model._flatten_layers():
+    for layer in tracked_layers(model):
         if isinstance(layer, (kerasbn.BatchNormalization, keras.layers.BatchNormalization)):
             size = layer.moving_mean.shape[0]
             for variable, low, high in ((layer.gamma, 0.5, 2.0), (layer.beta, -1.0, 1.0),
@@ -173,9 +173,9 @@ def assert_unchanged(model, before):
     for a, b in zip(after, before, strict=True):
         np.testing.assert_array_equal(a, b)
     # No layer's `call` was replaced on the instance, and no reporting scope is left open.
-    assert all("call" not in layer.__dict__ for layer in model._flatten_layers())
+    assert all("call" not in layer.__dict__ for layer in tracked_layers(model))
     assert all(getattr(layer, "_batch_moments_report", None) is None
-               for layer in model._flatten_layers())
+               for layer in tracked_layers(model))
 
 
 # --- the estimate ----------------------------------------------------------------------------
