@@ -28,7 +28,6 @@ operators (tf2onnx keeps a TensorFlow op it cannot convert as it is); anything e
 
 from __future__ import annotations
 
-import gc
 import numbers
 
 import keras
@@ -66,7 +65,8 @@ def convert(model, *, opset=17, input_names=None, output_names=None):
     input_names = input_names or [spec.name for spec in specs]
     output_names = output_names or signature.output_names(model)
     graph_def, graph_inputs, graph_outputs = frozen_graph(model, specs, len(output_names))
-    gc.collect()  # the traced and frozen functions: cycles that hold the weights as constants
+    # The traced and frozen functions: cycles that hold the weights as constants.
+    tf2onnx_steps.release(graph_def.ByteSize())
     renames = dict(zip(graph_inputs, input_names, strict=True))
     renames.update(zip(graph_outputs, output_names, strict=True))
     # Rebinding frees the frozen GraphDef as soon as grappler's is made.

@@ -49,6 +49,17 @@ from tf2onnx import optimizer, tf_loader, tfonnx
 from tf2onnx import utils as tf2onnx_utils
 
 _FIRST_NAME_NUMBER = 1  # tf2onnx 1.17's `utils.INTERNAL_NAME` at import
+# A full garbage collection takes 0.1-0.3 s in a process holding TensorFlow's objects, longer
+# than converting a small model: worth it to free a large model's weights at once, not to free
+# a few megabytes that the collector's own schedule frees anyway.
+COLLECT_FROM_BYTES = 16 * 2**20
+
+
+def release(graph_bytes):
+    """Collect the reference cycles the last step left (a trace, a graph) when the graph they
+    hold, `graph_bytes` long, is large enough to be worth a full collection."""
+    if graph_bytes >= COLLECT_FROM_BYTES:
+        gc.collect()
 
 
 def optimize_graph_def(graph_def, input_names, output_names):
@@ -75,23 +86,24 @@ def to_onnx_proto(graph_def, *, input_names, output_names, opset, renames, doc):
 
 
 def _to_onnx_proto(graph_def, input_names, output_names, opset, renames, doc):
-    graph = _onnx_graph(graph_def, input_names, output_names, opset, renames)
+    graph_bytes = graph_def.ByteSize()
+    graph = _onnx_graph(graph_def, input_names, output_names, opset, renames, graph_bytes)
     in_place = {name: _compacting(make) for name, make in optimizer._get_optimizers().items()}
     try:
         graph = optimizer.optimize_graph(graph, catch_errors=False, optimizers=in_place)
     except Exception:  # noqa: BLE001  (an optimizer raises whatever it raises)
         # It may have left the graph half-changed: start again, with tf2onnx's rollback.
         del graph
-        graph = _onnx_graph(graph_def, input_names, output_names, opset, renames)
+        graph = _onnx_graph(graph_def, input_names, output_names, opset, renames, graph_bytes)
         on_copies = {name: _collected(make) for name, make in optimizer._get_optimizers().items()}
         graph = optimizer.optimize_graph(graph, catch_errors=True, optimizers=on_copies)
     proto = graph.make_model(doc)
     del graph
-    gc.collect()  # the tf2onnx graph: a cycle of nodes and graph that holds every weight
+    release(graph_bytes)  # the tf2onnx graph: a cycle of nodes and graph that holds every weight
     return proto
 
 
-def _onnx_graph(graph_def, input_names, output_names, opset, renames):
+def _onnx_graph(graph_def, input_names, output_names, opset, renames, graph_bytes):
     """tf2onnx's graph of `graph_def`, the TensorFlow graph it was read from freed."""
     _restart_names()
     with deprecation.silence(), tf.Graph().as_default() as tf_graph:
@@ -105,7 +117,7 @@ def _onnx_graph(graph_def, input_names, output_names, opset, renames):
             tensors_to_rename=renames,
         )
     del tf_graph
-    gc.collect()
+    release(graph_bytes)
     _keep_order(graph)
     return graph
 
