@@ -23,8 +23,8 @@ after one conversion; ConvNeXtBase and InceptionResNetV2 passed 11 GiB) or vary 
   runtime (upb) keeps a message's memory in an arena that only grows while the message lives,
   so each round left one more copy of every weight behind. `_Compacting` gives each node fresh
   protos after each optimizer.
-- The TensorFlow graph lived until the end; here each form is dropped and collected as soon as
-  the next exists.
+- The TensorFlow graph lived until the end; here each form is dropped as soon as the next
+  exists, and collected at once when the graph is 16 MiB or more (`release`).
 - Node order came from memory addresses and a process-wide name counter, and the transpose
   optimizer's result depends on order: DenseNet121 gave 462, 463 or 464 nodes. Here every
   conversion of a model is the same, byte for byte (`_OrderedGraph`, `_restart_names`).
