@@ -3,7 +3,11 @@
     model ──tf.function(input signature, batch None)──► concrete function
           ──freeze: variables and captured tensors become constants──► GraphDef
           ──XLA compile markers removed, so every function call can be inlined──►
-          ──tf2onnx.convert.from_graph_def (grappler inlines, then converts)──► ModelProto
+          ──tf2onnx's steps (grappler inlines, then converts; `kerasbn.export.tf2onnx_steps`)──►
+          ModelProto
+
+One form of the model's weights replaces the other: each step's input is released (and the
+trace collected) once its output exists, so a large model is not held several times over.
 
 Why not `tf2onnx.convert.from_keras`: it reads Keras 2 internals and fails on Keras 3
 Sequential models. Why not `from_function` (what Keras's own `model.export(format="onnx")`
@@ -29,13 +33,11 @@ import numbers
 import keras
 import onnx
 import tensorflow as tf
-import tf2onnx
 from tensorflow.python.framework.convert_to_constants import (  # no public equivalent in TF 2
     convert_variables_to_constants_v2,
 )
-from tensorflow.python.util import deprecation
 
-from kerasbn.export import signature
+from kerasbn.export import signature, tf2onnx_steps
 from kerasbn.export.errors import ExportError
 
 OPSETS = range(13, 19)
@@ -63,18 +65,21 @@ def convert(model, *, opset=17, input_names=None, output_names=None):
     input_names = input_names or [spec.name for spec in specs]
     output_names = output_names or signature.output_names(model)
     graph_def, graph_inputs, graph_outputs = frozen_graph(model, specs, len(output_names))
+    # The traced and frozen functions: cycles that hold the weights as constants.
+    tf2onnx_steps.release(graph_def.ByteSize())
     renames = dict(zip(graph_inputs, input_names, strict=True))
     renames.update(zip(graph_outputs, output_names, strict=True))
-    # tf2onnx freezes once more through TF 1's API, whose deprecation notice is no news to a
-    # user; `silence` mutes only those notices, only for this call.
-    with deprecation.silence():
-        proto, _ = tf2onnx.convert.from_graph_def(
-            graph_def,
-            input_names=graph_inputs,
-            output_names=graph_outputs,
-            opset=opset,
-            tensors_to_rename=renames,
-        )
+    # Rebinding frees the frozen GraphDef as soon as grappler's is made.
+    graph_def = tf2onnx_steps.optimize_graph_def(graph_def, graph_inputs, graph_outputs)
+    proto = tf2onnx_steps.to_onnx_proto(
+        graph_def,
+        input_names=graph_inputs,
+        output_names=graph_outputs,
+        opset=opset,
+        renames=renames,
+        doc=f"converted from Keras model {model.name!r} by kerasbn with tf2onnx",
+    )
+    del graph_def
     _set_conv_groups(proto)
     _check_graph(proto, input_names, opset)
     return proto
