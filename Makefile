@@ -40,7 +40,7 @@ demo: $(INSTALLED)
 # distributed workers, exported models) run once. Then each zoo architecture
 # (tests/test_zoo.py) in a process of its own: in one process, what TensorFlow keeps of the
 # earlier tests plus the largest architecture exceed the 24 GiB here.
-ZOO_NAMES := from benchmarks import _zoo_models as z; print(*sorted(set(z.smallest_per_family().values())))
+ZOO_NAMES := import kerasbn_programs; kerasbn_programs.quiet_tensorflow_import(); from benchmarks import _zoo_models as z; print(*sorted(set(z.smallest_per_family().values())))
 define suite
 	$(1)/python -m pytest -n 2 --dist loadfile --ignore=tests/test_zoo.py
 	names="$$($(1)/python -c '$(ZOO_NAMES)')" && test -n "$$names" && \
