@@ -478,16 +478,17 @@ def main(argv=None):
     command = " ".join(["benchmarks/zoo.py", *(sys.argv[1:] if argv is None else argv)])
     print(f"zoo: {len(names)} architectures; {machine()}", file=sys.stderr, flush=True)
     results = _earlier_results(args) if args.resume else []
+    # A row named with --only is measured again; its earlier row stays until the new one
+    # replaces it, so an interrupted run loses nothing.
     rerun = set(args.only or ())
-    results = [r for r in results if r["name"] not in rerun]
-    done = {r["name"] for r in results}
+    done = {r["name"] for r in results} - rerun
     names = [n for n in names if n not in done]
-    planned = len(names) + len(results)
+    planned = len({r["name"] for r in results} | set(names))
     commit = _commit()
     for name in names:
         result = run_one(name, args)
         result["commit"] = commit
-        results.append(result)
+        results = [r for r in results if r["name"] != name] + [result]
         ours = result.get("ours", {})
         state = "ok" if _ours_ok(result) else ours.get("error", "not run")
         peer = result.get("peer", {})
