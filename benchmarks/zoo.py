@@ -476,14 +476,25 @@ def main(argv=None):
     names = sorted(names, key=lambda n: (n not in first, n))
     started = datetime.datetime.now(datetime.timezone.utc)
     command = " ".join(["benchmarks/zoo.py", *(sys.argv[1:] if argv is None else argv)])
-    print(f"zoo: {len(names)} architectures; {machine()}", file=sys.stderr, flush=True)
     results = _earlier_results(args) if args.resume else []
     # A row named with --only is measured again; its earlier row stays until the new one
     # replaces it, so an interrupted run loses nothing.
-    rerun = set(args.only or ())
-    done = {r["name"] for r in results} - rerun
+    done = {r["name"] for r in results} - set(args.only or ())
     names = [n for n in names if n not in done]
     planned = len({r["name"] for r in results} | set(names))
+    print(f"zoo: {len(names)} architectures to run; {machine()}", file=sys.stderr, flush=True)
+
+    def publish():
+        """Written after every architecture: an interrupted run keeps what it measured."""
+        text = report(results, planned, started, command, args)
+        if args.write:
+            write_section(text + "\n")
+        if args.json:
+            with open(args.json, "w") as file:
+                json.dump(results, file, indent=1)
+        return text
+
+    text = publish()
     commit = _commit()
     for name in names:
         result = run_one(name, args)
@@ -495,17 +506,7 @@ def main(argv=None):
         peer_state = "ok" if peer.get("runs") else peer.get("error", "not run")
         print(f"  {name}: ours {state}; peer {peer_state}; {result['seconds']:.0f} s, "
               f"peak {result['peak_gib']:.1f} GiB", file=sys.stderr, flush=True)
-        # Written after every architecture: an interrupted run keeps what it measured.
-        text = report(results, planned, started, command, args)
-        if args.write:
-            write_section(text + "\n")
-        if args.json:
-            with open(args.json, "w") as file:
-                json.dump(results, file, indent=1)
-    if not names:
-        text = report(results, planned, started, command, args)
-        if args.write:
-            write_section(text + "\n")
+        text = publish()
     print(text)
     return 0
 
