@@ -206,6 +206,9 @@ def keras_variant(model, calibration, directory):
     float_path = os.path.join(directory, "keras_float32.onnx")
     path = os.path.join(directory, "keras_int8.onnx")
     try:
+        # Keras's export refuses a model that has never been called ("The model provided has
+        # never called"); a user exports a model they have trained or run, so run it once.
+        model.predict(calibration[:1], verbose=0)
         model.export(float_path, format="onnx", verbose=False)
         proto = onnx.load(float_path)
         image, *others = [i.name for i in proto.graph.input]
