@@ -71,14 +71,14 @@ class _Rebuilder:
                 clone_function=self._clone,
                 call_function=_call,
             )
-        config = layer.get_config()
-        if id(layer) in self.plan.weights:
-            config["use_bias"] = True  # a fold always gives the layer a bias
-        if id(layer) in self.plan.activations:
-            config["activation"] = self.plan.activations[id(layer)]
         try:
+            config = layer.get_config()
+            if id(layer) in self.plan.weights:
+                config["use_bias"] = True  # a fold always gives the layer a bias
+            if id(layer) in self.plan.activations:
+                config["activation"] = self.plan.activations[id(layer)]
             new = _keras_compat.layer_from_config(type(layer), config)
-        except Exception as error:  # noqa: BLE001  (from_config raises whatever a layer raises)
+        except Exception as error:  # noqa: BLE001  (a layer's get_config/from_config raise anything)
             raise TypeError(
                 f"Layer '{layer.name}' ({type(layer).__name__}) cannot be rebuilt from its "
                 "config, and folding builds a new model from every layer's config (as "

@@ -704,11 +704,42 @@ def test_masking_model_folds_and_keeps_its_mask(rng):
     assert_agree(model, folded, x)
 
 
-def test_a_layer_whose_config_does_not_round_trip_raises_a_clear_error(rng):
+class _Scale(L.Layer):
+    """y = x·factor, where `factor` is any object with `value`."""
+
+    def __init__(self, factor, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, x):
+        return x * self.factor.value
+
+
+class _ScaleWithoutFactorInConfig(_Scale):
+    """A config that omits a required argument: `from_config` cannot rebuild it."""
+
+    def __init__(self, factor=None, **kwargs):
+        if factor is None:
+            raise TypeError("_ScaleWithoutFactorInConfig needs `factor`")
+        super().__init__(factor, **kwargs)
+
+    def get_config(self):
+        return {"name": self.name}
+
+
+class _Factor:
+    value = 2.0
+
+
+# Two ways a layer's config fails to round trip in every Keras: no config at all (an argument
+# Keras cannot serialize, so `get_config` raises) and a config `from_config` rejects.
+@pytest.mark.parametrize("layer_class", [_Scale, _ScaleWithoutFactorInConfig])
+def test_a_layer_whose_config_does_not_round_trip_raises_a_clear_error(rng, layer_class):
     inputs = keras.Input((4,))
     x = L.BatchNormalization()(L.Dense(3, use_bias=False)(inputs))
-    model = keras.Model(inputs, L.Activation(lambda t: t * 2.0, name="doubling")(x))
-    with pytest.raises(TypeError, match="Layer 'doubling' \\(Activation\\) cannot be rebuilt"):
+    model = keras.Model(inputs, layer_class(_Factor(), name="doubling")(x))
+    expected = f"Layer 'doubling' \\({layer_class.__name__}\\) cannot be rebuilt"
+    with pytest.raises(TypeError, match=expected):
         fold_batchnorm(model)
 
 
