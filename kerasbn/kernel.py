@@ -49,7 +49,6 @@ moments; γ and β are shared, so their gradients are the per-group sums added u
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -106,7 +105,7 @@ def sums_strategy(device):
     return "blockwise" if kind == "CPU" else "plain"
 
 
-def _per_channel_sums(terms, full, per_channel, reduction_axes, blockwise=True, part=None):
+def _per_channel_sums(terms, full, per_channel, reduction_axes, blockwise=True):
     """[Σ t over `reduction_axes` (keepdims) for t in terms(*full, *per_channel)], in a loop.
 
     `full` are tensors of x's shape, `per_channel` keepdims-shaped tensors or Python numbers,
@@ -139,13 +138,6 @@ def _per_channel_sums(terms, full, per_channel, reduction_axes, blockwise=True, 
     # Collapse the leading reduction axes into one axis of rows (a free reshape); per-channel
     # tensors have size 1 there. The block's reduction axes: the rows and any later ones.
     rows = tf.reduce_prod(tf.shape(full[0])[:lead])
-    first = 0
-    if part is not None:
-        # Only the rows of examples [index·N/parts, (index+1)·N/parts) (static shapes).
-        index, parts = part
-        per_example = shape[1:lead].num_elements()
-        first = index * shape[0] // parts * per_example
-        rows = (index + 1) * shape[0] // parts * per_example - first
     flat = [tf.reshape(t, [-1, *row_shape]) for t in full]
     params = [
         tf.reshape(p, [1, *p.shape[lead:]]) if tf.is_tensor(p) else p for p in per_channel
@@ -161,13 +153,13 @@ def _per_channel_sums(terms, full, per_channel, reduction_axes, blockwise=True, 
     slice_rows = tf.minimum(block_rows, rows)
 
     def body(i, *totals):
-        start = [first + i * block_rows] + [0] * len(row_shape)
+        start = [i * block_rows] + [0] * len(row_shape)
         blocks = [tf.slice(t, start, [slice_rows, *row_shape]) for t in flat]
         sums = [tf.stop_gradient(s) for s in block_sums(blocks)]
         return (i + 1, *(total + s for total, s in zip(totals, sums, strict=True)))
 
     whole_blocks = rows // block_rows
-    tail = block_sums([t[first + whole_blocks * block_rows:first + rows] for t in flat])
+    tail = block_sums([t[whole_blocks * block_rows:] for t in flat])
     _, *totals = tf.while_loop(
         lambda i, *_: i < whole_blocks, body, (tf.constant(0), *(tf.zeros_like(s) for s in tail))
     )
@@ -230,7 +222,7 @@ def value_count(x, reduction_axes, weights=None):
     return tf.reduce_sum(weights, reduction_axes, keepdims=True)
 
 
-def shifted_sums(x, shift, reduction_axes, weights=None, *, blockwise=True, part=None):
+def shifted_sums(x, shift, reduction_axes, weights=None, *, blockwise=True):
     """Per-channel (S1, S2) = (Σw·(x−k), Σw·(x−k)²): the sums that add up across replicas."""
     if weights is not None:
         d = x - shift
@@ -244,7 +236,7 @@ def shifted_sums(x, shift, reduction_axes, weights=None, *, blockwise=True, part
         d = x - shift
         return d, d * d
 
-    return tuple(_per_channel_sums(terms, [x], [shift], reduction_axes, blockwise, part))
+    return tuple(_per_channel_sums(terms, [x], [shift], reduction_axes, blockwise))
 
 
 def centered_moments(count, sum_shifted, sum_sq_shifted):
@@ -291,7 +283,7 @@ def _bn_output_gradient(dy, x_hat, activation, scale, offset):
 
 def gradient_sums(
     dy, x, mean, inv_std, reduction_axes, *, shift=0.0, activation=None, scale=1.0, offset=0.0,
-    blockwise=True, part=None,
+    blockwise=True,
 ):
     """Per-channel (Σg, Σg·x̂) = (∂ℓ/∂β, ∂ℓ/∂γ): the sums the backward pass needs.
 
@@ -306,8 +298,7 @@ def gradient_sums(
 
     return tuple(
         _per_channel_sums(
-            terms, [dy, x], [mean, inv_std, shift, scale, offset], reduction_axes, blockwise,
-            part,
+            terms, [dy, x], [mean, inv_std, shift, scale, offset], reduction_axes, blockwise
         )
     )
 
@@ -362,19 +353,17 @@ def renorm_correction(mean, variance, epsilon, renorm):
 
 
 def _training_forward(
-    x, gamma, beta, weights, renorm, rule, state, sums=None, *, reduction_axes, epsilon,
-    activation, pooled, blockwise,
+    x, gamma, beta, weights, renorm, rule, state, *, reduction_axes, epsilon, activation, pooled,
+    blockwise,
 ):
-    """`sums`: None, or (k, S1, S2) taken already (`_split_shifted_sums`)."""
     x32 = _as_statistics_dtype(x)
     if weights is not None:
         weights = _as_statistics_dtype(weights)
+    shift = reference_value(x32, reduction_axes, weights)
     count = value_count(x32, reduction_axes, weights)
-    if sums is None:
-        shift = reference_value(x32, reduction_axes, weights)
-        sums = (shift, *shifted_sums(x32, shift, reduction_axes, weights, blockwise=blockwise))
-    shift, *shifted = sums
-    shifted_mean, variance = centered_moments(count, *shifted)
+    shifted_mean, variance = centered_moments(
+        count, *shifted_sums(x32, shift, reduction_axes, weights, blockwise=blockwise)
+    )
     inv_std = inverse_std(variance, epsilon)
     x_hat = normalized(x32, shifted_mean, inv_std, shift)
     if renorm is None:
@@ -397,13 +386,14 @@ def _training_forward(
 
 
 def _training_backward(
-    dy, x, gamma, beta, shift, shifted_mean, variance, count, weights, r, d, sums=None, *,
+    dy, x, gamma, beta, shift, shifted_mean, variance, count, weights, r, d, *,
     reduction_axes, epsilon, activation, blockwise,
 ):
-    """`sums`: None, or (Σg, Σg·x̂) taken already (`_split_gradient_sums`)."""
     inv_std = inverse_std(variance, epsilon)
-    scale, offset = _output_affine(gamma, beta, r, d)
-    sum_g, sum_g_xhat = sums if sums is not None else gradient_sums(
+    # The BN output is z = x̂·scale + offset: with renorm y = γ·(r·x̂ + d) + β, where r and d
+    # are constants, so the plain backward holds with γ·r for γ.
+    scale, offset = (gamma, beta) if r is None else (gamma * r, gamma * d + beta)
+    sum_g, sum_g_xhat = gradient_sums(
         dy, x, shifted_mean, inv_std, reduction_axes, shift=shift, activation=activation,
         scale=scale, offset=offset, blockwise=blockwise,
     )
@@ -414,27 +404,6 @@ def _training_backward(
     # ∂ℓ/∂γ = Σg·x̂, with renorm r·Σg·x̂ + d·Σg.
     d_gamma = sum_g_xhat if r is None else r * sum_g_xhat + d * sum_g
     return dx, _sum_to(d_gamma, gamma.shape), _sum_to(sum_g, gamma.shape)
-
-
-def _output_affine(gamma, beta, r, d):
-    """(scale, offset) of the BN output z = x̂·scale + offset: with renorm y = γ·(r·x̂ + d) + β,
-    where r and d are constants, so the plain backward holds with γ·r for γ."""
-    return (gamma, beta) if r is None else (gamma * r, gamma * d + beta)
-
-
-def _part_shifted_sums(x, shift, *, reduction_axes, part):
-    return shifted_sums(_as_statistics_dtype(x), shift, reduction_axes, part=part)
-
-
-def _part_gradient_sums(
-    dy, x, gamma, beta, shift, shifted_mean, variance, r, d, *, reduction_axes, epsilon,
-    activation, part,
-):
-    scale, offset = _output_affine(gamma, beta, r, d)
-    return gradient_sums(
-        dy, x, shifted_mean, inverse_std(variance, epsilon), reduction_axes, shift=shift,
-        activation=activation, scale=scale, offset=offset, part=part,
-    )
 
 
 def _sum_to(t, shape):
@@ -490,31 +459,6 @@ def _trace_key(args):
 
 _compiled_forward = _CompiledPerTrace(_training_forward)
 _compiled_backward = _CompiledPerTrace(_training_backward)
-_compiled_part_shifted_sums = _CompiledPerTrace(_part_shifted_sums)
-_compiled_part_gradient_sums = _CompiledPerTrace(_part_gradient_sums)
-
-# Experimental switch (benchmarks): "auto", "never", "always".
-_SPLIT = "auto"
-_SPLIT_MIN_BYTES = 8 << 20
-
-
-def split_parts(x, reduction_axes, weights, blockwise):
-    """How many parts along axis 0 the per-channel sums of a training step are taken in, as
-    separate XLA calls that TensorFlow's executor runs concurrently: 1 (no split) or 2."""
-    if _SPLIT == "never" or not blockwise or weights is not None or 0 not in reduction_axes:
-        return 1
-    shape = x.shape
-    if not shape.is_fully_defined() or shape[0] < 2:
-        return 1
-    if _SPLIT not in ("auto", "never"):
-        return int(_SPLIT)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    inter_op = tf.config.threading.get_inter_op_parallelism_threads()
-    if (cores or 1) < 2 or inter_op == 1:
-        return 1
-    return 2 if shape.num_elements() * 4 >= _SPLIT_MIN_BYTES else 1
-
-
 
 
 def fused_batch_norm(
@@ -612,44 +556,20 @@ def _fused(
     )
     # A static choice per trace: where the caller places the kernel.
     blockwise = sums_strategy(x.device) == "blockwise"
-    parts = split_parts(x, reduction_axes, weights, blockwise)
     structure = []
 
     @tf.custom_gradient
     def _batch_norm(x, gamma, beta):
-        sums = None
-        if parts > 1:
-            shift = tf.stop_gradient(
-                _as_statistics_dtype(reference_value(x, reduction_axes))
-            )
-            s1, s2 = zip(*(
-                _compiled_part_shifted_sums(
-                    x, shift, reduction_axes=reduction_axes, part=(index, parts)
-                )
-                for index in range(parts)
-            ), strict=True)
-            sums = (shift, tf.add_n(s1), tf.add_n(s2))
         y, saved, statistics = _compiled_forward(
-            x, gamma, beta, weights, renorm, rule, state, sums, reduction_axes=reduction_axes,
+            x, gamma, beta, weights, renorm, rule, state, reduction_axes=reduction_axes,
             epsilon=epsilon, activation=activation, pooled=pooled, blockwise=blockwise,
         )
         shift, shifted_mean, variance, count, r, d = saved
         structure.append(statistics)
 
         def grad(dy, *_unused_statistics_grads):
-            sums = None
-            if parts > 1:
-                g, gx = zip(*(
-                    _compiled_part_gradient_sums(
-                        dy, x, gamma, beta, shift, shifted_mean, variance, r, d,
-                        reduction_axes=reduction_axes, epsilon=epsilon, activation=activation,
-                        part=(index, parts),
-                    )
-                    for index in range(parts)
-                ), strict=True)
-                sums = (tf.add_n(g), tf.add_n(gx))
             return _compiled_backward(
-                dy, x, gamma, beta, shift, shifted_mean, variance, count, weights, r, d, sums,
+                dy, x, gamma, beta, shift, shifted_mean, variance, count, weights, r, d,
                 reduction_axes=reduction_axes, epsilon=epsilon, activation=activation,
                 blockwise=blockwise,
             )
