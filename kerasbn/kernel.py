@@ -48,6 +48,7 @@ moments; γ and β are shared, so their gradients are the per-group sums added u
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -412,12 +413,52 @@ def _sum_to(t, shape):
     return tf.reduce_sum(t, axes, keepdims=True) if axes else t
 
 
-# One XLA cluster each for the forward and the backward pass, whether or not the caller's
-# model is compiled with XLA (a nested jit function is inlined into an enclosing XLA cluster).
-# No reduce_retracing: it relaxes shapes of different ranks to an unknown rank, and XLA compiles
-# per concrete shape anyway, so relaxed traces would save nothing.
-_compiled_forward = tf.function(_training_forward, jit_compile=True)
-_compiled_backward = tf.function(_training_backward, jit_compile=True)
+class _CompiledPerTrace:
+    """`function` as one XLA cluster, whether or not the caller's model is compiled with XLA (a
+    nested jit function is inlined into an enclosing XLA cluster): a `tf.function` per trace
+    key, so that each traces once.
+
+    A trace key is what makes TensorFlow trace anew: the static keyword arguments, the shapes
+    and dtypes of the tensors, and the other arguments' values. A single `tf.function` would
+    trace once per BN input shape too, but called eagerly (a model run eagerly, a population
+    pass by hand) it counts those traces and warns after five ("5 out of the last 5 calls to
+    <function _training_forward> triggered tf.function retracing"), which every model with five
+    BN shapes would print. TensorFlow counts per Python function (its code object), so each
+    key's function is a `functools.partial` of its own. No reduce_retracing: it relaxes shapes
+    of different ranks to an unknown rank, and XLA compiles per concrete shape anyway.
+    """
+
+    def __init__(self, function):
+        self._function = function
+        self._compiled = {}
+
+    def __call__(self, *args, **static):
+        key = (_trace_key(args), tuple(sorted(static.items())))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = tf.function(functools.partial(self._function, **static), jit_compile=True)
+            self._compiled[key] = compiled
+        return compiled(*args)
+
+
+def _trace_key(args):
+    """A hashable key of the positional arguments: per argument, its structure (a dict's keys,
+    else its type: None, a tensor, a `Renorm`), and for each leaf the (shape, dtype) of a
+    tensor or the value of anything else (numbers, update rules)."""
+    return tuple(
+        (
+            tuple(sorted(arg)) if isinstance(arg, dict) else type(arg),
+            tuple(
+                tf.TensorSpec(leaf.shape, leaf.dtype) if tf.is_tensor(leaf) else leaf
+                for leaf in tf.nest.flatten(arg)
+            ),
+        )
+        for arg in args
+    )
+
+
+_compiled_forward = _CompiledPerTrace(_training_forward)
+_compiled_backward = _CompiledPerTrace(_training_backward)
 
 
 def fused_batch_norm(

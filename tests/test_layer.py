@@ -2,6 +2,9 @@
 
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -883,3 +886,48 @@ def test_set_population_statistics_refuses_before_writing(rng):
         np.testing.assert_array_equal(after, expected)
     with pytest.raises(ValueError, match="Received: an unbuilt layer"):
         kerasbn.BatchNormalization().set_population_statistics(*[np.ones(3)] * 4)
+
+
+# --- tracing ------------------------------------------------------------------------------------
+
+_EAGER_TRAINING_SCRIPT = """
+import kerasbn_programs
+
+kerasbn_programs.quiet_tensorflow_import()
+
+import logging
+
+import keras
+import numpy as np
+
+import kerasbn
+
+warnings = []
+handler = logging.Handler()
+handler.emit = lambda record: warnings.append(record.getMessage())
+logging.getLogger("tensorflow").addHandler(handler)
+layers = [keras.Input((12, 12, 3))]
+for channels in (2, 3, 4, 5, 6, 7):
+    layers += [keras.layers.Conv2D(channels, 3, padding="same"),
+               kerasbn.BatchNormalization(activation="relu" if channels % 2 else None)]
+    if channels % 2:
+        layers.append(keras.layers.MaxPooling2D())
+model = keras.Sequential([*layers, keras.layers.Flatten(), keras.layers.Dense(2)])
+model.compile("sgd", "mse", run_eagerly=True)
+x = np.random.default_rng(0).standard_normal((12, 12, 12, 3)).astype("float32")
+model.fit(x, np.zeros((12, 2), "float32"), batch_size=4, epochs=1, verbose=0)
+print(sum("retracing" in w for w in warnings))
+"""
+
+
+def test_training_a_model_with_many_bn_shapes_eagerly_warns_of_no_retracing():
+    """Six BN layers of six shapes trained eagerly trace the compiled kernel six times (once
+    per shape, as they must); TensorFlow warns of retracing when one function traces five
+    times in a row, so the kernel must not show as one. A fresh process: TensorFlow counts
+    traces per Python function for the life of the process and warns at most twice."""
+    result = subprocess.run(
+        [sys.executable, "-c", _EAGER_TRAINING_SCRIPT], capture_output=True, text=True,
+        cwd=Path(__file__).parent.parent, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "0", result.stdout + result.stderr[-2000:]
