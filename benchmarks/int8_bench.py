@@ -21,7 +21,10 @@ Reported per variant: latency at batch 1 and 32 (medians of interleaved samples,
 `_timing.interleaved_times`), file size, ONNX nodes in the file, Conv/Gemm/MatMul quantized,
 multiply-adds by a constant left (what is left of an unfolded BN; counted in the graph as ONNX
 Runtime runs it, so a float MatMul's bias Add, merged into a Gemm, is not one), top-1 agreement
-and max |error| with the float Keras model, and for digits the test accuracy.
+and max |error| with the float Keras model, and for digits the test accuracy. As a control,
+(a)'s file is also timed in a second ONNX Runtime session alongside the others: the ratio of
+two sessions of one graph is the noise a ratio between variants must exceed. Where (a) and (c)
+are the same graph as ONNX Runtime runs it, their ratio is reported as a TIE.
 
 Targets: (a) ≥ 1.5× faster than (b) on MobileNetV2 at batch 32; (a) never slower than (c);
 agreement ≥ 99% on digits; test accuracy drop ≤ 0.5 points on digits.
@@ -64,6 +67,7 @@ from convnet_export import build_convnet  # noqa: E402  (the demo's digits convn
 
 MODELS = ("digits", "MobileNetV2", "EfficientNetB0", "mlp")
 VARIANTS = ("a kerasbn int8", "b kerasbn float32", "c keras+ORT int8")
+SECOND_SESSION = "a again"  # (a)'s file in a second ONNX Runtime session, timed alongside
 SPEED_TARGET = 1.5  # (a) vs (b), MobileNetV2, batch 32
 AGREEMENT_TARGET = 0.99  # digits
 ACCURACY_DROP_TARGET = 0.005  # digits, absolute
@@ -82,6 +86,9 @@ class Variant:
     max_abs_error: float | None = None
     accuracy: float | None = None
     latency: dict = field(default_factory=dict)
+    # batch → samples of a second session of the same file, timed with the others: how far two
+    # runs of one graph differ in this run (the noise a ratio between variants must exceed).
+    second_session_latency: dict = field(default_factory=dict)
 
     @property
     def size(self):
@@ -274,18 +281,23 @@ def measure_outputs(variants, model, x, labels):
 
 
 def measure_latency(variants, x, batch, args):
-    calls = {}
-    for label, variant in variants.items():
-        if variant.path is None:
-            continue
+    def call(variant):
         runner = session(variant.path)
         feed = {variant.input_name or runner.get_inputs()[0].name: x[:batch],
                 **variant.extra_feed}
-        calls[label] = lambda r=runner, f=feed: r.run(None, f)
+        return lambda: runner.run(None, feed)
+
+    calls = {label: call(v) for label, v in variants.items() if v.path is not None}
+    a = variants[VARIANTS[0]]
+    if a.path is not None:
+        calls[SECOND_SESSION] = call(a)
     times = _timing.interleaved_times(calls, repeats=args.repeats, warmup=args.warmup,
                                       min_sample_seconds=args.min_sample)
     for label, samples in times.items():
-        variants[label].latency[batch] = samples
+        if label == SECOND_SESSION:
+            a.second_session_latency[batch] = samples
+        else:
+            variants[label].latency[batch] = samples
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -340,6 +352,10 @@ def verdicts(name, variants, keras_accuracy, batches):
             verdict = "TIE " if same_graph_as_run else _timing.pass_fail(ratio >= 1.0) + " "
             lines.append(f"{verdict}(a) vs (c) Keras+ORT int8, batch {batch}: {ratio:.2f}× "
                          f"(cpu {cpu:.2f}×; target: never slower, ≥1.00×)")
+        if a.path:
+            again = a.second_session_latency[batch].median / a.latency[batch].median
+            lines.append(f"     (a) vs (a) again, the same file in a second session, batch "
+                         f"{batch}: {again:.2f}× (how far identical graphs differ here)")
     if a.path and c.path:
         ops_a, ops_c = operators(a.path), operators(c.path)
         if same_graph_as_run:
