@@ -4,7 +4,8 @@
           ──freeze: variables and captured tensors become constants──► GraphDef
           ──XLA compile markers removed, so every function call can be inlined──►
           ──tf2onnx's steps (grappler inlines, then converts; `kerasbn.export.tf2onnx_steps`)──►
-          ModelProto
+          ──the Reshapes tf2onnx leaves that change no shape removed
+            (`kerasbn.export.identity_reshapes`)──► ModelProto
 
 One form of the model's weights replaces the other: each step's input is released (and the
 trace collected) once its output exists, so a large model is not held several times over.
@@ -39,6 +40,7 @@ from tensorflow.python.framework.convert_to_constants import (  # no public equi
 
 from kerasbn.export import signature, tf2onnx_steps
 from kerasbn.export.errors import ExportError
+from kerasbn.export.identity_reshapes import remove_identity_reshapes
 from kerasbn.export.static_shapes import static_shapes
 
 OPSETS = range(13, 19)
@@ -82,6 +84,7 @@ def convert(model, *, opset=17, input_names=None, output_names=None):
     )
     del graph_def
     _set_conv_groups(proto)
+    remove_identity_reshapes(proto)
     _check_graph(proto, input_names, opset)
     return proto
 
