@@ -4,7 +4,8 @@
           ──freeze: variables and captured tensors become constants──► GraphDef
           ──XLA compile markers removed, so every function call can be inlined──►
           ──tf2onnx's steps (grappler inlines, then converts; `kerasbn.export.tf2onnx_steps`)──►
-          ModelProto
+          ──the Reshapes tf2onnx leaves that change no shape removed
+            (`kerasbn.export.identity_reshapes`)──► ModelProto
 
 One form of the model's weights replaces the other: each step's input is released (and the
 trace collected) once its output exists, so a large model is not held several times over.
@@ -39,6 +40,8 @@ from tensorflow.python.framework.convert_to_constants import (  # no public equi
 
 from kerasbn.export import signature, tf2onnx_steps
 from kerasbn.export.errors import ExportError
+from kerasbn.export.identity_reshapes import remove_identity_reshapes
+from kerasbn.export.static_shapes import static_shapes
 
 OPSETS = range(13, 19)
 # Attributes that keep TensorFlow's function inliner away from a function call.
@@ -81,6 +84,7 @@ def convert(model, *, opset=17, input_names=None, output_names=None):
     )
     del graph_def
     _set_conv_groups(proto)
+    remove_identity_reshapes(proto)
     _check_graph(proto, input_names, opset)
     return proto
 
@@ -147,12 +151,12 @@ def _set_conv_groups(proto):
         n for n in proto.graph.node if n.op_type == "Conv" and kernel_ranks.get(n.input[1]) == 5
     ]
     if not convs_3d:
-        return  # shape inference copies the whole model: only for the case that needs it
-    shapes = _static_shapes(proto)
+        return  # shape inference reads the whole graph: only for the case that needs it
+    shapes = static_shapes(proto)
     for node in convs_3d:
         x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
-        if not x or not w or len(x) < 2 or len(w) < 2 or not (x[1] > 0 and w[1] > 0):
-            continue
+        if not x or not w or len(x) < 2 or len(w) < 2 or not (x[1] and w[1]):
+            continue  # channel counts unknown (None) or empty
         group = next((a for a in node.attribute if a.name == "group"), None)
         current = group.i if group is not None else 1
         if x[1] != w[1] * current and x[1] % w[1] == 0:
@@ -160,16 +164,6 @@ def _set_conv_groups(proto):
                 node.attribute.append(onnx.helper.make_attribute("group", x[1] // w[1]))
             else:
                 group.i = x[1] // w[1]
-
-
-def _static_shapes(proto):
-    """Tensor name → its shape (0 for an unknown size), as ONNX shape inference finds them."""
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    shapes = {i.name: tuple(i.dims) for i in inferred.graph.initializer}
-    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        dims = info.type.tensor_type.shape.dim
-        shapes[info.name] = tuple(d.dim_value for d in dims)
-    return shapes
 
 
 def _rewrite_unconvertible_ops(graph_def):

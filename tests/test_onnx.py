@@ -129,6 +129,25 @@ def test_node_counts_show_what_tf2onnx_leaves_unfolded(rng, tmp_path):
     assert (report.node_count, report.unfolded_node_count) == (2, 3)  # MatMul, Add (+ Mul)
 
 
+def test_one_by_one_branches_into_a_concat_leave_no_layout_reshape(rng, tmp_path):
+    # InceptionV3's last blocks at 75×75, made small: on a 1×1 map tf2onnx leaves Reshapes to
+    # the shape a tensor already has, more of them after Conv + bias (folded: 14 nodes) than
+    # after Conv + the BN's Mul and Add (13), by the order its transposes reach the Concat.
+    def conv_bn_relu(x):
+        return L.ReLU()(L.BatchNormalization()(L.Conv2D(4, 1, use_bias=False)(x)))
+
+    inputs = keras.Input((1, 1, 4))
+    shared = conv_bn_relu(inputs)
+    outputs = L.Concatenate()([conv_bn_relu(inputs), conv_bn_relu(shared), conv_bn_relu(shared)])
+    model = keras.Model(inputs, outputs)
+    randomize_bn(model, rng)
+    report = to_onnx(model, tmp_path / "m.onnx")
+    assert fold_counts(report) == (4, 0, 0)
+    assert report.node_count == report.unfolded_node_count == 11
+    # Only the two Reshapes that change a layout: NHWC in, NHWC out.
+    assert operators(tmp_path / "m.onnx") == {"Reshape": 2, "Conv": 4, "Relu": 4, "Concat": 1}
+
+
 # --- layers Keras computes in ways tf2onnx cannot read as they are --------------------------------
 
 # Keras's TensorFlow backend runs these convolutions through an XLA-compiled function on CPU

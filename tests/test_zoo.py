@@ -83,20 +83,9 @@ def test_no_batch_normalization_or_folded_multiply_add_left(exported):
         assert folded, "an architecture with BN layers had none folded"
 
 
-# Known, deterministic (every conversion gives the same file) and open in issue 8: strict, so the
-# fix that removes the cause fails this mark and removes the entry.
-MORE_NODES_THAN_UNFOLDED = {
-    "InceptionV3": "tf2onnx's transpose optimizer leaves 4 more NHWC->NCHW Reshapes (1x1 maps "
-    "into Concat) around Conv+bias than around Conv+BN Mul/Add: 236 nodes folded vs 232",
-}
-
-
 @pytest.mark.slow
-def test_never_more_nodes_than_the_unfolded_export(exported, request):
+def test_never_more_nodes_than_the_unfolded_export(exported):
     _, _, report, path = exported
-    reason = MORE_NODES_THAN_UNFOLDED.get(request.node.callspec.params["exported"])
-    if reason:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     assert report.node_count == len(onnx.load(path).graph.node)
     unfolded = report.unfolded_node_count
     assert unfolded is not None
