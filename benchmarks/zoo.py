@@ -57,6 +57,7 @@ import tf2onnx
 
 import kerasbn
 from kerasbn.export import VerificationError, to_onnx
+from kerasbn.export.float64_reference import float64_twin
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _zoo_models  # noqa: E402  (a sibling file, not an installed module)
@@ -81,23 +82,6 @@ def onnx_outputs(path, images):
     options.log_severity_level = 3
     session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: images})[0]
-
-
-def float64_twin(model):
-    """The same architecture and weights computing in float64 (each layer's dtype policy)."""
-
-    def to_float64(value):
-        if isinstance(value, dict):
-            if value.get("class_name") == "DTypePolicy":
-                return {**value, "config": {**value["config"], "name": "float64"}}
-            return {key: to_float64(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [to_float64(item) for item in value]
-        return value
-
-    twin = model.__class__.from_config(to_float64(model.get_config()))
-    twin.set_weights([np.asarray(w, dtype="float64") for w in model.get_weights()])
-    return twin
 
 
 def measure_ours(model, images, expected, directory):

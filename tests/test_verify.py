@@ -9,6 +9,8 @@ import kerasbn
 from kerasbn.export import ExportError, to_onnx, verify
 from kerasbn.export import verification as verify_module
 from kerasbn.export.convert import convert
+from kerasbn.export.float64_reference import float64_twin
+from tests import reference
 from tests.helpers import randomize_bn
 
 L = keras.layers
@@ -176,3 +178,108 @@ def test_samples_of_one_input_model_as_array_list_or_numbers_agree():
         np.testing.assert_array_equal(array, x)
     with pytest.raises(ValueError, match=r"one array per model input \(\['x'\]\)"):
         signature.sample_arrays(specs, [x, x])
+
+
+# --- Keras's own float32 error: the comparison against the model in float64 ------------------
+
+
+def test_float64_twin_computes_the_model_in_float64(rng):
+    inputs = keras.Input((5,))
+    dense = L.Dense(3)
+    bn = kerasbn.BatchNormalization()
+    model = keras.Model(inputs, bn(dense(inputs)))
+    randomize_bn(model, rng)
+    twin = float64_twin(model)
+    x = rng.standard_normal((4, 5))
+    got = keras.ops.convert_to_numpy(twin(x, training=False))
+    kernel, bias = (np.asarray(w, np.float64) for w in dense.get_weights())
+    expected = reference.inference(
+        x @ kernel + bias, *(np.asarray(w, np.float64) for w in bn.get_weights()[:4]),
+        axes=(-1,), epsilon=bn.epsilon,
+    )
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def _cancelling_model():
+    """y = x·w − x·w′ with w′ within 1e-6 of w: each product is ~1e6 times y, so float32's
+    rounding of the products is a large part of y, and Keras in float32 is far from exact."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 1)).astype("float32")
+    w_near = (w * (1 + 1e-6 * rng.standard_normal(w.shape))).astype("float32")
+    inputs = keras.Input((64,), name="x")
+    a, b = L.Dense(1, use_bias=False), L.Dense(1, use_bias=False)
+    model = keras.Model(inputs, L.Subtract(name="y")([a(inputs), b(inputs)]))
+    a.set_weights([w])
+    b.set_weights([w_near])
+    return model, w, w_near
+
+
+def _onnx_in_float64(path, w, w_near):
+    """An ONNX file of y = x·w − x·w′ computed in float64 (then rounded once): the exact
+    function of the model's float32 weights, as far as float32 outputs can hold it."""
+    h = onnx.helper
+    weights = [
+        onnx.numpy_helper.from_array(np.asarray(v, np.float64), name)
+        for v, name in ((w, "w"), (w_near, "w_near"))
+    ]
+    nodes = [
+        h.make_node("Cast", ["x"], ["x64"], to=onnx.TensorProto.DOUBLE),
+        h.make_node("MatMul", ["x64", "w"], ["a"]),
+        h.make_node("MatMul", ["x64", "w_near"], ["b"]),
+        h.make_node("Sub", ["a", "b"], ["y64"]),
+        h.make_node("Cast", ["y64"], ["y"], to=onnx.TensorProto.FLOAT),
+    ]
+    graph = h.make_graph(
+        nodes, "exact", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 64])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 1])], weights,
+    )
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
+
+
+def test_an_export_as_exact_as_float32_allows_passes_where_keras_float32_is_not(tmp_path):
+    model, w, w_near = _cancelling_model()
+    _onnx_in_float64(tmp_path / "exact.onnx", w, w_near)
+    x = np.random.default_rng(4).uniform(-100, 100, (16, 64)).astype("float32")
+    result = verify(model, tmp_path / "exact.onnx", x)
+    # Against Keras in float32 the exact file is out of tolerance: Keras's own error is larger.
+    exact = x.astype(np.float64) @ (w.astype(np.float64) - w_near.astype(np.float64))
+    keras_error = np.abs(np.asarray(model.predict(x, verbose=0), np.float64) - exact).max()
+    assert keras_error > 1e-5 + 1e-4 * np.abs(exact).max()
+    assert result.passed, result
+    assert result.float32_error == pytest.approx(keras_error, rel=1e-6)
+    assert result.max_abs_error < 1e-6 * np.abs(exact).max()  # to float64, ~float32 rounding
+    assert "against the model in float64" in str(result)
+
+
+def test_an_export_of_another_function_fails_against_float64_too(tmp_path):
+    model, w, w_near = _cancelling_model()
+    # w′ moved by a further 1e-5 relative: y changes by about 10 times its own size.
+    _onnx_in_float64(tmp_path / "wrong.onnx", w, (w_near * (1 + 1e-5)).astype("float32"))
+    x = np.random.default_rng(4).uniform(-100, 100, (16, 64)).astype("float32")
+    result = verify(model, tmp_path / "wrong.onnx", x)
+    assert not result.passed
+    assert result.float32_error is not None
+    assert "compared with the model computing in float64" in result.message
+
+
+class _Doubling(L.Layer):
+    """y = 2x, holding an argument Keras cannot serialize: the model has no config."""
+
+    def __init__(self, unserializable, **kwargs):
+        super().__init__(**kwargs)
+        self.unserializable = unserializable
+
+    def call(self, x):
+        return 2.0 * x
+
+
+def test_a_model_without_a_float64_copy_keeps_the_plain_failure(tmp_path, rng):
+    inputs = keras.Input((3,))
+    dense = L.Dense(2)
+    model = keras.Model(inputs, _Doubling(object())(dense(inputs)))
+    onnx.save(convert(model), tmp_path / "m.onnx")
+    dense.kernel.assign(dense.kernel + 1.0)  # the file no longer computes the model
+    result = verify(model, tmp_path / "m.onnx", rng.standard_normal((4, 3)))
+    assert not result.passed and result.float32_error is None
+    assert "a float64 copy of the model" in result.message
