@@ -201,14 +201,15 @@ def test_float64_twin_computes_the_model_in_float64(rng):
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
-def _cancelling_model():
-    """y = x·w − x·w′ with w′ within 1e-6 of w: each product is ~1e6 times y, so float32's
-    rounding of the products is a large part of y, and Keras in float32 is far from exact."""
+def _cancelling_model(closeness=1e-4):
+    """y = x·w − x·w′ with w′ within `closeness` of w: each product is ~1/closeness times y, so
+    float32's rounding of the products is that much larger relative to y, and Keras in float32
+    is far from exact."""
     rng = np.random.default_rng(3)
-    w = rng.standard_normal((64, 1)).astype("float32")
-    w_near = (w * (1 + 1e-6 * rng.standard_normal(w.shape))).astype("float32")
+    w = rng.standard_normal((64, 8)).astype("float32")
+    w_near = (w * (1 + closeness * rng.standard_normal(w.shape))).astype("float32")
     inputs = keras.Input((64,), name="x")
-    a, b = L.Dense(1, use_bias=False), L.Dense(1, use_bias=False)
+    a, b = L.Dense(8, use_bias=False), L.Dense(8, use_bias=False)
     model = keras.Model(inputs, L.Subtract(name="y")([a(inputs), b(inputs)]))
     a.set_weights([w])
     b.set_weights([w_near])
@@ -232,7 +233,7 @@ def _onnx_in_float64(path, w, w_near):
     ]
     graph = h.make_graph(
         nodes, "exact", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 64])],
-        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 1])], weights,
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 8])], weights,
     )
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
 
@@ -254,7 +255,7 @@ def test_an_export_as_exact_as_float32_allows_passes_where_keras_float32_is_not(
 
 def test_an_export_of_another_function_fails_against_float64_too(tmp_path):
     model, w, w_near = _cancelling_model()
-    # w′ moved by a further 1e-5 relative: y changes by about 10 times its own size.
+    # w′ moved by a further 1e-5 relative: y changes by about a tenth of its size.
     _onnx_in_float64(tmp_path / "wrong.onnx", w, (w_near * (1 + 1e-5)).astype("float32"))
     x = np.random.default_rng(4).uniform(-100, 100, (16, 64)).astype("float32")
     result = verify(model, tmp_path / "wrong.onnx", x)
@@ -272,6 +273,15 @@ class _Doubling(L.Layer):
 
     def call(self, x):
         return 2.0 * x
+
+
+def test_samples_that_leave_keras_float32_far_from_exact_fail_saying_so(tmp_path):
+    model, w, w_near = _cancelling_model(closeness=1e-6)  # Keras float32 ~10 % from exact
+    _onnx_in_float64(tmp_path / "exact.onnx", w, w_near)
+    x = np.random.default_rng(4).uniform(-100, 100, (16, 64)).astype("float32")
+    result = verify(model, tmp_path / "exact.onnx", x)
+    assert not result.passed and result.float32_error is None
+    assert "too ill-conditioned for any float32 file to be checked" in result.message
 
 
 def test_a_model_without_a_float64_copy_keeps_the_plain_failure(tmp_path, rng):
