@@ -254,6 +254,8 @@ def _against_float64(model, session, specs, names, batches, reference, failed, *
         f"{FLOAT32_ERROR_FACTOR:g}× Keras's own float32 error on each example besides the tolerance"
     )
     float32_error = worst_relative = 0.0
+    # ONNX Runtime and Keras float32 run again rather than keep the first pass's outputs: only
+    # a failed comparison gets here, and large `samples` would otherwise be held whole.
     for rows, source, start in _row_blocks(batches):
         rows64 = [np.asarray(r, dtype=s.dtype) for r, s in zip(rows, float64_specs, strict=True)]
         outputs = zip(names, _run(session, specs, names, rows), reference(*rows),
@@ -264,7 +266,7 @@ def _against_float64(model, session, specs, names, batches, reference, failed, *
                 own = np.abs(keras_out - exact_out)
             own = np.where(np.isfinite(own), own, 0.0)
             float32_error = max(float32_error, float(own.max(initial=0.0)))
-            scale = _example_scale(np.where(np.isfinite(exact_out), np.abs(exact_out), 0.0))
+            scale = _output_scale(exact_out)
             with np.errstate(divide="ignore", invalid="ignore"):
                 relative = np.where(own > 0, own / scale, 0.0)
             worst_relative = max(worst_relative, float(relative.max(initial=0.0)))
@@ -316,6 +318,11 @@ def keras_reference(model, specs):
     return call
 
 
+def _output_scale(values):
+    """Each element's example scale in `values`, non-finite values counting as 0."""
+    return _example_scale(np.where(np.isfinite(values), np.abs(values), 0.0))
+
+
 def _example_scale(magnitude):
     """Each element's example scale: the largest magnitude in its row along the batch axis."""
     if magnitude.ndim < 2:
@@ -350,7 +357,7 @@ class _Errors:
         with np.errstate(invalid="ignore"):  # inf - inf: judged as non-finite below
             difference = np.abs(got - expected)
         both_finite = np.isfinite(got) & np.isfinite(expected)
-        scale = _example_scale(np.where(np.isfinite(expected), np.abs(expected), 0.0))
+        scale = _output_scale(expected)
         allowed = atol + rtol * scale + allowance
         if both_finite.any():
             self.max_abs = max(self.max_abs, float(difference[both_finite].max()))
