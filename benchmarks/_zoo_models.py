@@ -47,10 +47,13 @@ SMALLEST = {
     "xception": "Xception",
 }
 
-# Statistics: set from a population pass over random images, then moved by this relative amount
-# (the mean by this many standard deviations), so no BN is an identity or a pure standardization.
+# Statistics: from one population pass over random images, enough of them that every BN sees
+# STATISTICS_VALUES values per channel (images × the fewest spatial positions any BN of the
+# model sees), at least STATISTICS_IMAGES; then moved by PERTURBATION (the mean by that many
+# standard deviations), with γ and β compensating the move (see `build`).
 PERTURBATION = 0.05
 STATISTICS_IMAGES = 64
+STATISTICS_VALUES = 1024
 _LARGEST_SIDE = 600  # no keras.applications model needs more (EfficientNetB7 is made for 600)
 
 
@@ -144,19 +147,55 @@ def batch_norm_layers(model) -> list:
     return [layer for layer in _keras_compat.sublayers(model) if isinstance(layer, kinds)]
 
 
+def positions(layer) -> int:
+    """Values per channel a BN layer sees per sample (its input's spatial positions; 1 for a
+    dense feature)."""
+    return int(np.prod(layer.input.shape[1:]) // np.prod(layer.moving_mean.shape))
+
+
+def statistics_image_count(layers) -> int:
+    """How many images `build` draws the statistics of these BN layers from (see `build`)."""
+    fewest = min(positions(layer) for layer in layers)
+    return max(STATISTICS_IMAGES, -(-STATISTICS_VALUES // fewest))
+
+
 def build(name: str, *, at_least: int = 1, seed: int = 0):
     """(model, side): `construct(name, at_least=at_least)` with non-trivial BN parameters.
 
-    Statistics drawn at random let activations grow through hundreds of layers (EfficientNetV2L
-    reached logits of 1e7), which tests float32 rounding rather than the export. So, per BN
-    layer: γ = ±U(0.8, 1.2) (both signs: a negative scale is a case folding must get right) and
-    β ~ N(0, 0.1); then mean and variance from one `kerasbn.population_statistics` pass over
-    random preprocessed images, all in one batch, so that inference reproduces that pass
-    (several batches would not: a deep BN's estimate is then of inputs normalized per batch,
-    and in a random network, whose deep features barely vary across random images, the
-    difference compounds: EfficientNetB0's last BN output reached 1e2); then mean moves by
-    N(0, 1)·PERTURBATION standard deviations and variance by a factor 1 + U(−1, 1)·PERTURBATION.
-    Every BN then stays close to a standardization (activations in range) without being one.
+    Per BN layer, γ = ±U(0.8, 1.2) (both signs: a negative scale is a case folding must get
+    right) and β ~ N(0, 0.1); mean and variance from one `kerasbn.population_statistics` pass
+    over random preprocessed images, all in one batch; then both statistics moved, with γ and β
+    compensating the move. Every BN then computes exactly the standardization of that pass
+    followed by its own γ and β (activations in range), while none of its four parameters is a
+    trivial value or its input's moment. Each choice was measured (float32 against the same
+    model in float64, on 4 other images, at 32×32; EfficientNetB6's figures unless named):
+
+      * statistics drawn at random let activations grow through hundreds of layers
+        (EfficientNetV2L's logits reached 1e7): what is tested is then float32 rounding, not
+        the export.
+      * One batch, so that inference reproduces the pass: with several, a deep BN's estimate is
+        of inputs normalized per batch, not with the final statistics (EfficientNetB0's last BN
+        output reached 1e2).
+      * Enough images that every BN sees STATISTICS_VALUES (1024) values per channel: at 32×32
+        the deepest feature maps are 1×1, so a deep BN sees one value per image. From 64, the
+        statistics fit those images only: new images land up to 200 standard deviations from
+        the last BN's mean, the logits reach 76 and float32 is 0.10 from float64, 13× the
+        default verify tolerance (atol 1e-5 + rtol 1e-4 × the largest |logit|). From 256,
+        0.32× the tolerance; 512, 0.04×; 1024, 0.04× (EfficientNetB7: 0.20× at 512, 0.09× at
+        1024; EfficientNetV2B3: 1.06× at 64, 0.07× at 512).
+      * The move (the mean by N(0, 1)·PERTURBATION standard deviations, the variance by a factor
+        1 + U(−1, 1)·PERTURBATION) is compensated: γ′ = γ·√(var′ + ε)/√(var + ε) and
+        β′ = β + γ′·(mean′ − mean)/√(var′ + ε), so γ′(x − mean′)/√(var′ + ε) + β′ is the
+        pass's γ(x − mean)/√(var + ε) + β. Uncompensated, each BN's output departs from what
+        the next BN's statistics were measured on, and the departures compound with depth:
+        with 512 images, the statistics images themselves reach 185 standard deviations at the
+        last BN in inference (13 compensated) and float32's error doubles (0.10× the tolerance
+        against 0.04×). A layer without γ (`scale=False`, as in InceptionV3) keeps its variance
+        unmoved, one without β its mean, since nothing could compensate them.
+      * Deep features barely vary across images of uniform noise (see `random_images`).
+
+    Not the cause, measured: a BN's |mean| ≫ std (catastrophic cancellation in x − mean). At
+    every BN of EfficientNetB6 built from 64 images, |mean|/√(var + ε) ≤ 1.5.
     """
     keras.utils.set_random_seed(seed)
     model, size = construct(name, at_least=at_least)
@@ -171,21 +210,39 @@ def build(name: str, *, at_least: int = 1, seed: int = 0):
             layer.gamma.assign(sign * rng.uniform(0.8, 1.2, shape))
         if layer.center:
             layer.beta.assign(rng.normal(0.0, 0.1, shape))
-    images = random_images(name, size, STATISTICS_IMAGES, seed)
+    images = random_images(name, size, statistics_image_count(layers), seed)
     # One batch holding every image: the pass normalizes each BN with that batch's moments,
     # which inference then reproduces exactly once the variance is made biased again (below).
     kerasbn.population_statistics(model, images, batch_size=len(images), verbose=0)
     for layer in layers:
         shape = tuple(layer.moving_mean.shape)
-        mean = np.asarray(layer.moving_mean)
-        count = len(images) * np.prod(layer.input.shape[1:]) / np.prod(shape)
-        variance = np.asarray(layer.moving_variance) * (count - 1) / count
+        count = len(images) * positions(layer)
+        mean = np.asarray(layer.moving_mean, dtype="float64")
+        variance = np.asarray(layer.moving_variance, dtype="float64") * (count - 1) / count
         std = np.sqrt(variance + layer.epsilon)
-        layer.moving_mean.assign(mean + PERTURBATION * std * rng.standard_normal(shape))
-        layer.moving_variance.assign(
-            variance * (1.0 + PERTURBATION * rng.uniform(-1.0, 1.0, shape))
-        )
+        moved_mean = mean + PERTURBATION * std * rng.standard_normal(shape)
+        moved_variance = variance * (1.0 + PERTURBATION * rng.uniform(-1.0, 1.0, shape))
+        _move_statistics(layer, mean, variance, moved_mean, moved_variance)
     return model, size
+
+
+def _move_statistics(layer, mean, variance, moved_mean, moved_variance):
+    """Sets the layer's statistics to the moved ones where γ and β can keep its output as it
+    was (see `build`): the variance only with γ (`scale`), the mean only with β (`center`)."""
+    if not layer.scale:
+        moved_variance = variance
+    if not layer.center:
+        moved_mean = mean
+    std = np.sqrt(variance + layer.epsilon)
+    moved_std = np.sqrt(moved_variance + layer.epsilon)
+    gamma = np.asarray(layer.gamma, dtype="float64") * moved_std / std if layer.scale else 1.0
+    if layer.scale:
+        layer.gamma.assign(gamma)
+    if layer.center:
+        beta = np.asarray(layer.beta, dtype="float64")
+        layer.beta.assign(beta + gamma * (moved_mean - mean) / moved_std)
+    layer.moving_mean.assign(moved_mean)
+    layer.moving_variance.assign(moved_variance)
 
 
 BN_ARITHMETIC_OPS = ("Mul", "Add", "Sub")
