@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -75,6 +76,25 @@ class _Interrupted(BaseException):
         self.signum = signum
 
 
+class _Signals:
+    """SIGINT and SIGTERM while a command runs: each raises `_Interrupted` at once, and is
+    remembered. The exception alone can be lost: Python runs a handler between any two
+    bytecodes, inside a finalizer (`__del__`, a weakref callback) too, where an exception goes to
+    `sys.unraisablehook` and the work goes on. So a command calls `raise_if_received` right
+    before it puts its output in place."""
+
+    def __init__(self):
+        self.received = None
+
+    def handle(self, signum, _frame):
+        self.received = signum
+        raise _Interrupted(signum)
+
+    def raise_if_received(self):
+        if self.received is not None:
+            raise _Interrupted(self.received)
+
+
 def main(argv=None) -> int:
     """Run the command line with `argv` (default `sys.argv[1:]`); return the exit status."""
     parser = _parser()
@@ -83,12 +103,12 @@ def main(argv=None) -> int:
     except SystemExit as exit_:
         # argparse exits after --help (0) and on bad usage (2); a caller of main() gets the code.
         return int(exit_.code or 0)
-    with warnings.catch_warnings(), _quiet_loggers(), _signals_raise():
+    with warnings.catch_warnings(), _quiet_loggers(), _signals_raise() as signals:
         # Keras and TensorFlow warn about things the user cannot act on here (deprecated
         # internals, a model loaded without its compile state); the report says what matters.
         warnings.simplefilter("ignore")
         try:
-            return arguments.run(arguments)
+            return arguments.run(arguments, signals)
         except _UsageError as error:
             print(f"kerasbn {arguments.command}: error: {error}", file=sys.stderr)
             return EXIT_USAGE
@@ -104,16 +124,15 @@ def main(argv=None) -> int:
 
 @contextlib.contextmanager
 def _signals_raise():
-    """SIGINT and SIGTERM raise `_Interrupted` while the command runs (main thread only)."""
-    def interrupt(signum, _frame):
-        raise _Interrupted(signum)
-
+    """`_Signals` handling SIGINT and SIGTERM while the command runs (main thread only: Python
+    calls handlers there, and only there can they be installed)."""
+    signals = _Signals()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield signals
         return
-    previous = {signum: signal.signal(signum, interrupt) for signum in _SIGNALS}
+    previous = {signum: signal.signal(signum, signals.handle) for signum in _SIGNALS}
     try:
-        yield
+        yield signals
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -303,7 +322,7 @@ def _shape(text):
 # --- the commands --------------------------------------------------------------------------------
 
 
-def _run_export(arguments):
+def _run_export(arguments, signals):
     from kerasbn.export.onnx import to_onnx  # tf2onnx and ONNX Runtime: only for export
 
     output = _checked_output(arguments)
@@ -312,10 +331,11 @@ def _run_export(arguments):
     calibration = _calibration(arguments)
     try:
         # ONNX Runtime's entropy and percentile calibrators print their progress with print().
-        with contextlib.redirect_stdout(io.StringIO()):
+        # Written beside OUT and put in place only if no signal arrived meanwhile (`_Signals`).
+        with contextlib.redirect_stdout(io.StringIO()), files.atomic_path(output) as staged:
             report = to_onnx(
                 model,
-                output,
+                staged,
                 opset=arguments.opset,
                 fold=arguments.fold,
                 samples=samples,
@@ -328,6 +348,7 @@ def _run_export(arguments):
                 calibration_samples=arguments.calibration_samples,
                 min_agreement=arguments.min_agreement,
             )
+            signals.raise_if_received()
     except (TypeError, ValueError) as error:
         raise _UsageError(str(error)) from error
     except VerificationError as error:
@@ -336,7 +357,7 @@ def _run_export(arguments):
         return _failed("export", f"verification failed: {error}")
     except Exception as error:  # noqa: BLE001  (tf2onnx, onnx and Keras raise many kinds)
         return _failed("export", error)
-    print(report)
+    print(dataclasses.replace(report, path=output))
     print(f"wrote {output}")
     return EXIT_OK
 
@@ -396,7 +417,7 @@ def _read_samples(path, kind="samples"):
     return loaded
 
 
-def _run_fold(arguments):
+def _run_fold(arguments, signals):
     if not arguments.output.endswith(".keras"):
         raise _UsageError(f"the output must be a .keras file. Received: -o {arguments.output}")
     output = _checked_output(arguments)
@@ -406,6 +427,7 @@ def _run_fold(arguments):
         with files.atomic_path(output, suffix=".keras") as temporary:
             folded.save(temporary)
             size = os.path.getsize(temporary)
+            signals.raise_if_received()
     except Exception as error:  # noqa: BLE001  (as above)
         return _failed("fold", error)
     print("\n".join(report.lines()))

@@ -73,6 +73,7 @@ def test_export_writes_a_verified_file_and_reports(model_file, tmp_path, capsys)
     assert "4 BatchNormalization layers: 3 folded (0 forward), 1 refused, 0 kept" in out
     assert "refused after_relu: 'dense_relu' applies the activation 'relu'" in out  # and why
     assert "max abs error" in out and "opset 17" in out and " kB" in out
+    assert f"{out_path}: " in out and ".tmp" not in out  # the file's own name, never a staging one
     assert out.rstrip().endswith(f"wrote {out_path}")
 
 
@@ -367,6 +368,47 @@ def _wait_for(condition, process, seconds=120):
             return
         time.sleep(0.01)
     raise AssertionError("the export finished (or stalled) before the signal could be sent")
+
+
+class _SignalInFinalizer:
+    """Sends `signum` to this process from a finalizer: Python runs the signal's handler inside
+    `__del__`, where an exception cannot propagate (it goes to `sys.unraisablehook`). Library
+    code runs finalizers at any moment (TensorFlow's resources, weakref callbacks), so a signal
+    can be lost this way in a real export."""
+
+    def __init__(self, signum):
+        self.signum = signum
+
+    def __del__(self):
+        os.kill(os.getpid(), self.signum)
+        for _ in range(1000):  # the handler runs between two bytecodes of this loop
+            pass
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("command", ["export", "fold"])
+def test_a_signal_lost_inside_library_code_still_writes_nothing(
+    signum, command, model_file, tmp_path, capsys, monkeypatch
+):
+    swallowed = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda hook: swallowed.append(hook.exc_type))
+    real_fold = onnx_module.fold_batchnorm if command == "export" else cli.fold_batchnorm
+
+    def fold_losing_a_signal(model):
+        _SignalInFinalizer(signum)  # collected at once: the signal arrives and is swallowed
+        return real_fold(model)
+
+    monkeypatch.setattr(onnx_module if command == "export" else cli, "fold_batchnorm",
+                        fold_losing_a_signal)
+    output = tmp_path / ("m.onnx" if command == "export" else "m.keras")
+    output.write_bytes(b"previous output")
+    code, out, err = run(capsys, command, model_file, "-o", output)
+    assert len(swallowed) == 1  # the handler's exception was lost, as in the scenario
+    assert code == 128 + signum, err
+    assert f"{signal.Signals(signum).name}: stopped; nothing written" in err
+    assert "wrote" not in out
+    assert os.listdir(tmp_path) == [output.name]
+    assert output.read_bytes() == b"previous output"
 
 
 @pytest.mark.slow
