@@ -43,6 +43,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -254,7 +255,8 @@ def run_one(name, args):
         os.unlink(result_path)
     result.update(seconds=time.perf_counter() - start, peak_gib=peak / GIB)
     if child.returncode != 0:
-        cause = stopped or _last_error(stderr_lines) or f"exit code {child.returncode}"
+        cause = (stopped or _death(child.returncode) or _last_error(stderr_lines)
+                 or f"exit code {child.returncode}")
         # The part that was running when the process died is the one that failed.
         part = "ours" if "ours" not in result else "peer"
         if "size" not in result:
@@ -275,6 +277,17 @@ def _drain(child, lines):
     thread = threading.Thread(target=read, daemon=True)
     thread.start()
     return thread
+
+
+def _death(returncode):
+    """Why a process killed by a signal died (its stderr's last line is then unrelated: the
+    kernel's out-of-memory killer sends SIGKILL), or None when it exited on its own."""
+    if returncode >= 0:
+        return None
+    name = signal.Signals(-returncode).name
+    if -returncode == signal.SIGKILL:
+        return f"killed by {name} (the out-of-memory killer, unless a person sent it)"
+    return f"killed by {name}"
 
 
 def _last_error(lines):
