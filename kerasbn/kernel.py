@@ -62,8 +62,8 @@ STATISTICS_DTYPE = tf.float32
 # A block stays in a core's L2 (1–2 MiB on current x86). Measured on a 2-core x86 VM
 # (benchmarks/bn_step.py): the loop pays from 512 KiB up (2× at 25 MiB) and costs a little below.
 # Within a block, groups of _GROUP_ROWS consecutive rows are summed into one accumulator row each
-# (benchmarks/sums_bench.py: 16–64 KiB blocks and groups of 4–16 rows performed alike, 128 KiB
-# blocks and larger were slower).
+# (benchmarks/sums_bench.py: 16–64 KiB blocks and groups of 4–16 rows within 15 % of each other,
+# 128 KiB blocks and larger slower).
 _BLOCK_BYTES = 1 << 16
 _BLOCKWISE_MIN_BYTES = 1 << 19
 _GROUP_ROWS = 8
@@ -121,11 +121,12 @@ def _per_channel_sums(terms, full, per_channel, reduction_axes, blockwise=True):
 
     Each block is summed in groups of _GROUP_ROWS rows into a loop-carried accumulator of one
     row per group, and the accumulator rows are added up once after the loop. Why not sum the
-    whole block: XLA:CPU rewrites a reduction over more than 32 rows into a reduce-window that
-    is not fused with the terms (they are written out first) and adds each 32-row column in a
-    single dependent chain of vector adds. A reduction over a few rows is fused with its terms
-    and emitted as vector adds across the channels (one chain per accumulator vector), so the
-    loop reads x at about the speed of an elementwise pass (benchmarks/RESULTS.md, 2026-11-26).
+    whole block: XLA:CPU rewrites a reduction over a block's rows (256 of 64 channels) into a
+    reduce-window over 32-row windows that is not fused with the terms (they are written out
+    first) and adds each 32-row column in a single dependent chain of vector adds. A reduction
+    over a few rows is fused with its terms and emitted as vector adds across the channels (one
+    chain per accumulator vector), so the loop reads x at about the speed of an elementwise pass
+    (benchmarks/RESULTS.md, 2026-11-26).
 
     Only on a CPU (`blockwise`, from `sums_strategy`). Small tensors, inputs whose first
     axis is not reduced and dimensions after the leading run that are unknown at trace time
