@@ -2,9 +2,11 @@
 
 A step is forward + backward + statistics update: y = BN(x) in training mode, the gradients of
 ℓ = Σ y·u with respect to x, gamma and beta for a fixed random upstream u, and the layer's
-update of its moving statistics. It is asked for as `tape.gradient(y, ..., output_gradients=u)`,
-which is exactly ∇ℓ but without timing the loss's own passes (a multiply-reduce forward and a
-broadcast backward), which belong to no BN implementation.
+update of its moving statistics. The gradient is asked for as
+`tape.gradient(y, ..., output_gradients=u)`, which is exactly ∇ℓ but without timing the loss's
+own passes (a multiply-reduce forward and a broadcast backward), which belong to no BN
+implementation. The step returns y with the gradients, so that no variant's forward output is
+dropped as dead code (see `training_step`).
 
 Variants, each as a `tf.function` with and without `jit_compile` around the whole step:
     kerasbn            kerasbn.BatchNormalization (its kernel is XLA-compiled either way)
@@ -96,13 +98,19 @@ class FusedBatchNorm:
 
 
 def training_step(forward, params, *, jit):
-    """A compiled step returning (dx, dgamma, dbeta) for upstream gradient u."""
+    """A compiled step returning (y, [dx, dgamma, dbeta]) for upstream gradient u.
+
+    y is returned so that every variant computes it: in a model y is always consumed, but a
+    jit-compiled step that returned only the gradients would let XLA drop the forward's output
+    pass wherever the backward does not read y (kerasbn's recomputes x̂ from x). Returning it
+    costs every variant the same (its y is written to memory once, as in a model).
+    """
 
     def step(x, upstream):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = forward(x)
-        return tape.gradient(y, [x, *params], output_gradients=upstream)
+        return y, tape.gradient(y, [x, *params], output_gradients=upstream)
 
     return tf.function(step, jit_compile=jit)
 
@@ -160,7 +168,7 @@ def check_agreement(training, x, upstream):
     (32,56,56,64)), a measure-zero difference, not a different computation. Returns (the
     largest relative difference elsewhere, the number of such flipped elements).
     """
-    results = {name: [t.numpy() for t in step(x, upstream)] for name, step in training.items()}
+    results = {name: [t.numpy() for t in step(x, upstream)[1]] for name, step in training.items()}
     worst, flipped = 0.0, 0
     for name, grads in results.items():
         reference = results["kerasbn relu" if "relu" in name.lower() else "kerasbn"]

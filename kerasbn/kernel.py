@@ -59,11 +59,14 @@ STATISTICS_DTYPE = tf.float32
 
 # Per-channel sums of a large tensor are taken block by block (see `_per_channel_sums`): blocks of
 # about _BLOCK_BYTES per float32 operand, for tensors of at least _BLOCKWISE_MIN_BYTES as float32.
-# A block and its temporaries stay in a core's L2 (1–2 MiB on current x86). Measured on a 2-core
-# x86 VM (benchmarks/bn_step.py): the loop pays from 512 KiB up (2× at 25 MiB) and costs a
-# little below; block sizes from 16 to 256 KiB performed alike.
+# A block stays in a core's L2 (1–2 MiB on current x86). Measured on a 2-core x86 VM
+# (benchmarks/bn_step.py): the loop pays from 512 KiB up (2× at 25 MiB) and costs a little below.
+# Within a block, groups of _GROUP_ROWS consecutive rows are summed into one accumulator row each
+# (benchmarks/sums_bench.py: 16–64 KiB blocks and groups of 4–16 rows within 15 % of each other,
+# 128 KiB blocks and larger slower).
 _BLOCK_BYTES = 1 << 16
 _BLOCKWISE_MIN_BYTES = 1 << 19
+_GROUP_ROWS = 8
 
 
 def statistics_dtype(dtype):
@@ -114,7 +117,18 @@ def _per_channel_sums(terms, full, per_channel, reduction_axes, blockwise=True):
     writes (x−k)² to memory as a whole tensor and then reads it back, and each extra term
     does the same. Summing blocks of rows along the leading reduction axes in an XLA while loop
     keeps those temporaries in cache, so the data is read from memory once, as the formulas
-    intend. Only on a CPU (`blockwise`, from `sums_strategy`). Small tensors, inputs whose first
+    intend.
+
+    Each block is summed in groups of _GROUP_ROWS rows into a loop-carried accumulator of one
+    row per group, and the accumulator rows are added up once after the loop. Why not sum the
+    whole block: XLA:CPU rewrites a reduction over a block's rows (256 of 64 channels) into a
+    reduce-window over 32-row windows that is not fused with the terms (they are written out
+    first) and adds each 32-row column in a single dependent chain of vector adds. A reduction
+    over a few rows is fused with its terms and emitted as vector adds across the channels (one
+    chain per accumulator vector), so the loop reads x at about the speed of an elementwise pass
+    (benchmarks/RESULTS.md, 2026-11-26).
+
+    Only on a CPU (`blockwise`, from `sums_strategy`). Small tensors, inputs whose first
     axis is not reduced and dimensions after the leading run that are unknown at trace time
     take the plain path. Meant to run under XLA
     (every caller in kerasbn is compiled); eagerly the loop is a Python loop.
@@ -136,35 +150,64 @@ def _per_channel_sums(terms, full, per_channel, reduction_axes, blockwise=True):
         return [tf.reduce_sum(t, reduction_axes, keepdims=True) for t in terms(*full, *per_channel)]
 
     # Collapse the leading reduction axes into one axis of rows (a free reshape); per-channel
-    # tensors have size 1 there. The block's reduction axes: the rows and any later ones.
-    rows = tf.reduce_prod(tf.shape(full[0])[:lead])
+    # tensors have size 1 there. A block of rows is viewed as (groups, group rows, *row_shape)
+    # (another free reshape); its reduction axes are the group's rows and any later ones.
+    rows = (
+        shape[:lead].num_elements() if shape[:lead].is_fully_defined()
+        else tf.reduce_prod(tf.shape(full[0])[:lead])
+    )
     flat = [tf.reshape(t, [-1, *row_shape]) for t in full]
-    params = [
-        tf.reshape(p, [1, *p.shape[lead:]]) if tf.is_tensor(p) else p for p in per_channel
-    ]
-    block_axes = (0, *(a - lead + 1 for a in reduction_axes if a >= lead))
     block_rows = max(1, _BLOCK_BYTES // (4 * max(1, row_shape.num_elements())))
+    group_rows = min(_GROUP_ROWS, block_rows)
+    block_rows -= block_rows % group_rows
+    later_axes = tuple(a - lead for a in reduction_axes if a >= lead)
 
-    def block_sums(blocks):
-        return [tf.reduce_sum(t, block_axes, keepdims=True) for t in terms(*blocks, *params)]
+    def sums_over(rows_axes, blocks, params):
+        axes = (*rows_axes, *(a + max(rows_axes) + 1 for a in later_axes))
+        return [tf.reduce_sum(t, axes, keepdims=True) for t in terms(*blocks, *params)]
+
+    def with_leading_ones(count):
+        return [
+            tf.reshape(p, [1] * count + p.shape[lead:].as_list()) if tf.is_tensor(p) else p
+            for p in per_channel
+        ]
+
+    grouped_params = with_leading_ones(2)
 
     # Never more rows than there are: with fewer, the loop runs zero times, but XLA still
-    # compiles its body, and a slice larger than its operand does not compile.
-    slice_rows = tf.minimum(block_rows, rows)
+    # compiles its body, and a slice larger than its operand does not compile. (Fewer rows than
+    # a block happens only when the batch size is known at run time alone.)
+    whole_groups = rows - rows % group_rows
+    slice_rows = (
+        min(block_rows, whole_groups) if isinstance(rows, int)
+        else tf.minimum(block_rows, whole_groups)
+    )
+    groups = slice_rows // group_rows
 
     def body(i, *totals):
         start = [i * block_rows] + [0] * len(row_shape)
-        blocks = [tf.slice(t, start, [slice_rows, *row_shape]) for t in flat]
-        sums = [tf.stop_gradient(s) for s in block_sums(blocks)]
+        blocks = [
+            tf.reshape(
+                tf.slice(t, start, [slice_rows, *row_shape]), [groups, group_rows, *row_shape]
+            )
+            for t in flat
+        ]
+        sums = [tf.stop_gradient(s) for s in sums_over((1,), blocks, grouped_params)]
         return (i + 1, *(total + s for total, s in zip(totals, sums, strict=True)))
 
     whole_blocks = rows // block_rows
-    tail = block_sums([t[whole_blocks * block_rows:] for t in flat])
+    tail = sums_over((0,), [t[whole_blocks * block_rows:] for t in flat], with_leading_ones(1))
     _, *totals = tf.while_loop(
-        lambda i, *_: i < whole_blocks, body, (tf.constant(0), *(tf.zeros_like(s) for s in tail))
+        lambda i, *_: i < whole_blocks, body,
+        (tf.constant(0), *(tf.zeros([groups, *s.shape], s.dtype) for s in tail)),
     )
+    # The group rows of each accumulator, added up once (after the loop, so XLA cannot merge
+    # this reduction with the loop's into one over the whole block).
     keepdims = [1 if a in reduction_axes else d for a, d in enumerate(shape)]
-    return [tf.reshape(total + t, keepdims) for total, t in zip(totals, tail, strict=True)]
+    return [
+        tf.reshape(tf.reduce_sum(total, [0, 1]) + t, keepdims)
+        for total, t in zip(totals, tail, strict=True)
+    ]
 
 
 def per_channel(weight, default, keepdims_shape, dtype=STATISTICS_DTYPE):

@@ -295,6 +295,35 @@ def test_blockwise_sums_match_reference(monkeypatch, shape, axes):
     np.testing.assert_allclose(dbeta, ref_dbeta, rtol=1e-4, atol=1e-5 * _scale_of(ref_dbeta))
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 4), st.booleans(), st.integers(0, 2**31 - 1))
+def test_blockwise_sums_of_any_row_count_match_float64(batch, channels, batch_known, seed):
+    """The loop's blocks of groups of rows: any number of rows (fewer than a group, than a
+    block, whole blocks and a tail), with the batch size known at trace time or only at run
+    time (where the block and group counts are tensors), gives the float64 sums."""
+    rng = np.random.default_rng(seed)
+    x = (10.0 + rng.standard_normal((batch, 3, channels))).astype(np.float32)
+    axes = (0, 1)
+    signature = [tf.TensorSpec([batch if batch_known else None, 3, channels], tf.float32)]
+
+    @tf.function(jit_compile=True, input_signature=signature)
+    def sums(x):
+        return kernel.shifted_sums(x, kernel.reference_value(x, axes), axes, blockwise=True)
+
+    with pytest.MonkeyPatch.context() as patch:
+        # Blocks of 64 floats, cut to whole groups of 8 rows: 16 rows of 4 or of 3 channels
+        # (two groups), 32 of 2 (four), 64 of 1 (eight).
+        patch.setattr(kernel, "_BLOCKWISE_MIN_BYTES", 0)
+        patch.setattr(kernel, "_BLOCK_BYTES", 4 * 64)
+        sum_shifted, sum_sq_shifted = sums(tf.constant(x))
+    d = x.astype(np.float64) - x[:1, :1].astype(np.float64)
+    # Σd crosses zero: its error is relative to the size of the terms, √Σd² at most.
+    np.testing.assert_allclose(sum_shifted.numpy().reshape(-1), np.sum(d, axes), rtol=1e-5,
+                               atol=1e-5 * np.sqrt(np.max(np.sum(d * d, axes)) + 1.0))
+    np.testing.assert_allclose(sum_sq_shifted.numpy().reshape(-1), np.sum(d * d, axes),
+                               rtol=1e-5)
+
+
 @pytest.mark.parametrize("device,strategy", [
     ("CPU", "blockwise"),
     ("/device:CPU:0", "blockwise"),
