@@ -6,12 +6,15 @@ batch normalization and the ReLU after it are written:
     kerasbn relu   kerasbn.BatchNormalization(activation="relu") (BN→ReLU fused in the kernel)
     kerasbn        kerasbn.BatchNormalization, then keras.layers.ReLU
     keras          keras.layers.BatchNormalization, then keras.layers.ReLU
+    no BN          keras.layers.Identity where the BN layers are (the ReLUs kept): no BN at all
 
 each compiled with and without `jit_compile`. (A BN whose output is added to the shortcut before
 the ReLU has nothing to fuse: there every variant uses its plain BN.) A step is one
 `model.train_on_batch` call (forward, backward, SGD update and the BN statistics update); the
 models are timed round-robin and compared by their median step time. Target: kerasbn at least
-1.25× the Keras-BN model's steps per second under the same `jit_compile` setting.
+1.25× the Keras-BN model's steps per second under the same `jit_compile` setting. The model
+without BN bounds what any BN could reach: no BN costs less than none, so no implementation of
+BN can make the step faster than the Keras-BN model's step ÷ the no-BN model's.
 
     .venv/bin/python benchmarks/model_step.py            # the recorded run (quiet machine please)
     .venv/bin/python benchmarks/model_step.py --quick    # a smoke run: few repeats, noisy
@@ -57,6 +60,7 @@ VARIANTS = {
     "kerasbn relu": (kerasbn.BatchNormalization, _fused_relu),
     "kerasbn": (kerasbn.BatchNormalization, _then_relu(kerasbn.BatchNormalization)),
     "keras": (keras.layers.BatchNormalization, _then_relu(keras.layers.BatchNormalization)),
+    "no BN": (keras.layers.Identity, _then_relu(keras.layers.Identity)),
 }
 
 
@@ -159,6 +163,8 @@ def main(argv=None):
         )
     print(f"\n  target (informational): kerasbn ≥{TARGET}× the Keras-BN model's steps/s")
     for suffix, setting in (("", "jit_compile=False"), (" +jit", "jit_compile=True")):
+        bound = times[f"keras{suffix}"].median / times[f"no BN{suffix}"].median
+        print(f"    bound  {setting}, no BN at all: {bound:.2f}×  (what any BN could reach)")
         for ours in ("kerasbn relu", "kerasbn"):
             ratio = times[f"keras{suffix}"].median / times[f"{ours}{suffix}"].median
             cpu = times[f"keras{suffix}"].cpu_median / times[f"{ours}{suffix}"].cpu_median
