@@ -108,7 +108,11 @@ def main(argv=None) -> int:
         # internals, a model loaded without its compile state); the report says what matters.
         warnings.simplefilter("ignore")
         try:
-            return arguments.run(arguments, signals)
+            status = arguments.run(arguments, signals)
+            # A signal that surfaced as another error (TensorFlow's C code can turn one into a
+            # SystemError) is still the reason the command stopped.
+            signals.raise_if_received()
+            return status
         except _UsageError as error:
             print(f"kerasbn {arguments.command}: error: {error}", file=sys.stderr)
             return EXIT_USAGE

@@ -387,8 +387,9 @@ class _SignalInFinalizer:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("command", ["export", "fold"])
+@pytest.mark.parametrize("then", ["work goes on", "another error"])
 def test_a_signal_lost_inside_library_code_still_writes_nothing(
-    signum, command, model_file, tmp_path, capsys, monkeypatch
+    signum, command, then, model_file, tmp_path, capsys, monkeypatch
 ):
     swallowed = []
     monkeypatch.setattr(sys, "unraisablehook", lambda hook: swallowed.append(hook.exc_type))
@@ -396,6 +397,8 @@ def test_a_signal_lost_inside_library_code_still_writes_nothing(
 
     def fold_losing_a_signal(model):
         _SignalInFinalizer(signum)  # collected at once: the signal arrives and is swallowed
+        if then == "another error":  # as when TensorFlow's C code turns it into a SystemError
+            raise SystemError("error return without exception set")
         return real_fold(model)
 
     monkeypatch.setattr(onnx_module if command == "export" else cli, "fold_batchnorm",
