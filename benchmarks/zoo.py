@@ -17,9 +17,11 @@ and compared with Keras's `model.predict` (max abs error). As a yardstick for fl
 the same model is rebuilt in float64 and "f32 noise" is max |Keras float32 − Keras float64|:
 an export whose error is of that size is as right as Keras itself.
 
-Each architecture runs in its own process (memory comes back whole between models), watched by
-this one: a process whose resident memory passes `--memory-limit` or that runs past `--timeout`
-is stopped and recorded as such.
+Each architecture runs in processes of its own (memory comes back whole between models): one
+builds it and runs ours, another builds it again and measures the float32 noise and the peer,
+so that neither's memory adds to the other's (a row records each one's peak, `part_peak_gib`;
+`peak_gib` is the larger). This process watches them: one whose resident memory passes
+`--memory-limit` or that runs past `--timeout` is stopped and recorded as such.
 
     .venv/bin/python benchmarks/zoo.py                 # all of them (about an hour on 2 cores)
     .venv/bin/python benchmarks/zoo.py --quick         # the smallest of each family
@@ -165,8 +167,9 @@ def measure_peer(model, images, expected, directory):
 
 
 def run_child(args):
-    """Measures one architecture; writes the result JSON after each part, so a part that runs
-    out of memory still leaves the parts before it."""
+    """Measures one part of one architecture: "ours" (the build and `to_onnx`) or "others"
+    (the float32 noise and, unless --no-peer, Keras's export); writes the result JSON after each
+    step, so a step that runs out of memory still leaves the steps before it."""
     result = {"name": args.child}
 
     def save():
@@ -179,13 +182,19 @@ def run_child(args):
     model, size = _zoo_models.build(name, at_least=args.size)
     images = _zoo_models.random_images(name, size, VERIFY_IMAGES, seed=1)
     expected = model.predict(images, verbose=0)
-    result.update(
-        size=size,
-        params=model.count_params(),
-        bn=len(_zoo_models.batch_norm_layers(model)),
-        build_seconds=time.perf_counter() - start,
-        output_scale=float(np.max(np.abs(expected))),
-    )
+    if args.part == "ours":
+        result.update(
+            size=size,
+            params=model.count_params(),
+            bn=len(_zoo_models.batch_norm_layers(model)),
+            build_seconds=time.perf_counter() - start,
+            output_scale=float(np.max(np.abs(expected))),
+        )
+        save()
+        with tempfile.TemporaryDirectory() as directory:
+            result["ours"] = measure_ours(model, images, expected, directory)
+        save()
+        return 0
     try:
         twin = float64_twin(model)
         result["f32_noise"] = float(
@@ -195,12 +204,10 @@ def run_child(args):
     except Exception as error:  # noqa: BLE001
         result["f32_noise_error"] = first_line(error)
     save()
-    with tempfile.TemporaryDirectory() as directory:
-        result["ours"] = measure_ours(model, images, expected, directory)
-        save()
-        if not args.no_peer:
+    if not args.no_peer:
+        with tempfile.TemporaryDirectory() as directory:
             result["peer"] = measure_peer(model, images, expected, directory)
-            save()
+        save()
     return 0
 
 
@@ -219,10 +226,36 @@ def resident_bytes(pid):
 
 
 def run_one(name, args):
-    """Runs the child for `name`, stopping it at the memory or time limit; returns its result."""
+    """Runs the children for `name`: ours, then the float32 noise and Keras's export in a
+    process of their own (the float64 twin and Keras's export hold the weights many times over:
+    in one process with ours, their memory would add to ours), each stopped at the memory or
+    time limit; returns the row, with each process's peak resident memory."""
+    result = {"name": name}
+    start = time.perf_counter()
+    peaks = {}
+    for part in ("ours", "others"):
+        measured, peaks[part], cause = _run_part(name, part, args)
+        result.update(measured)
+        if cause:
+            # The step that was running when the process died is the one that failed.
+            if "size" not in result:
+                result["build"] = {"error": cause, "died": True}
+                break
+            if part == "others" and not {"f32_noise", "f32_noise_error"} & result.keys():
+                result["f32_noise_error"] = cause  # died in the float64 twin
+                continue
+            failed = "ours" if part == "ours" else "peer"
+            result[failed] = {**result.get(failed, {}), "error": cause, "died": True}
+    result.update(seconds=time.perf_counter() - start, peak_gib=max(peaks.values()) / GIB,
+                  part_peak_gib={part: peak / GIB for part, peak in peaks.items()})
+    return result
+
+
+def _run_part(name, part, args):
+    """(the child's result, its peak resident bytes, why it died or None) for one part."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as file:
         result_path = file.name
-    command = [sys.executable, os.path.abspath(__file__), "--child", name,
+    command = [sys.executable, os.path.abspath(__file__), "--child", name, "--part", part,
                "--size", str(args.size), "--result", result_path]
     if args.no_peer:
         command.append("--no-peer")
@@ -250,19 +283,15 @@ def run_one(name, args):
         with open(result_path) as file:
             result = json.load(file)
     except (FileNotFoundError, json.JSONDecodeError):
-        result = {"name": name}
+        result = {}
     finally:
         os.unlink(result_path)
-    result.update(seconds=time.perf_counter() - start, peak_gib=peak / GIB)
+    result.pop("name", None)
+    cause = None
     if child.returncode != 0:
         cause = (stopped or _death(child.returncode) or _last_error(stderr_lines)
                  or f"exit code {child.returncode}")
-        # The part that was running when the process died is the one that failed.
-        part = "ours" if "ours" not in result else "peer"
-        if "size" not in result:
-            part = "build"
-        result[part] = {**result.get(part, {}), "error": cause, "died": True}
-    return result
+    return result, peak, cause
 
 
 def _drain(child, lines):
@@ -454,6 +483,8 @@ def main(argv=None):
                         help="keep the rows already in --json; run the rest (and --only again)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=("ours", "others"), default="ours",
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.size < 1:
         parser.error(f"--size must be a positive integer. Received: --size={args.size}")

@@ -8,7 +8,10 @@
             (`kerasbn.export.identity_reshapes`)──► ModelProto
 
 One form of the model's weights replaces the other: each step's input is released (and the
-trace collected) once its output exists, so a large model is not held several times over.
+trace collected) once its output exists, so a large model is not held several times over. The
+freezing stops at the frozen GraphDef (TensorFlow's `convert_variables_to_constants_v2` goes on
+to build a function of it, 11× the weights resident at its peak), and grappler gets that graph
+serialized, with no proto of it alive. Measured per stage: benchmarks/export_memory.py.
 
 Why not `tf2onnx.convert.from_keras`: it reads Keras 2 internals and fails on Keras 3
 Sequential models. Why not `from_function` (what Keras's own `model.export(format="onnx")`
@@ -34,9 +37,7 @@ import numbers
 import keras
 import onnx
 import tensorflow as tf
-from tensorflow.python.framework.convert_to_constants import (  # no public equivalent in TF 2
-    convert_variables_to_constants_v2,
-)
+from tensorflow.python.framework import convert_to_constants  # no public equivalent in TF 2
 
 from kerasbn.export import signature, tf2onnx_steps
 from kerasbn.export.errors import ExportError
@@ -68,12 +69,16 @@ def convert(model, *, opset=17, input_names=None, output_names=None):
     input_names = input_names or [spec.name for spec in specs]
     output_names = output_names or signature.output_names(model)
     graph_def, graph_inputs, graph_outputs = frozen_graph(model, specs, len(output_names))
-    # The traced and frozen functions: cycles that hold the weights as constants.
+    # The traced function: a cycle that holds the weights.
     tf2onnx_steps.release(graph_def.ByteSize())
     renames = dict(zip(graph_inputs, input_names, strict=True))
     renames.update(zip(graph_outputs, output_names, strict=True))
-    # Rebinding frees the frozen GraphDef as soon as grappler's is made.
-    graph_def = tf2onnx_steps.optimize_graph_def(graph_def, graph_inputs, graph_outputs)
+    # Grappler reads bytes: the weights are held once while it runs, not as the GraphDef, a
+    # MetaGraphDef copy and its serialization at the same time.
+    request = tf2onnx_steps.grappler_request(graph_def, graph_inputs, graph_outputs)
+    del graph_def
+    graph_def = tf2onnx_steps.optimize_graph_def(request)
+    del request
     proto = tf2onnx_steps.to_onnx_proto(
         graph_def,
         input_names=graph_inputs,
@@ -104,13 +109,14 @@ def frozen_graph(model, specs, output_count):
             )
         return tuple(outputs)
 
-    frozen = convert_variables_to_constants_v2(
-        forward.get_concrete_function(), lower_control_flow=False, aggressive_inlining=True
-    )
-    graph_def = frozen.graph.as_graph_def(add_shapes=True)
+    function = forward.get_concrete_function()
+    graph_def, constant_inputs = _frozen_graph_def(function)
     _allow_inlining(graph_def)
     _rewrite_unconvertible_ops(graph_def)
-    inputs = [t.name for t in frozen.inputs if t.dtype != tf.resource]
+    constant_inputs = {id(function.graph.internal_captures[i]) for i in constant_inputs}
+    inputs = [
+        t.name for t in function.inputs if id(t) not in constant_inputs and t.dtype != tf.resource
+    ]
     if len(inputs) != len(specs):
         # A capture that freezing could not turn into a constant would become an ONNX input.
         raise ExportError(
@@ -118,7 +124,22 @@ def frozen_graph(model, specs, output_count):
             f"{inputs[len(specs):]} are values the model captures and freezing could not "
             f"make constant. Received: model={model.name!r}"
         )
-    return graph_def, inputs, [t.name for t in frozen.outputs]
+    return graph_def, inputs, [t.name for t in function.outputs]
+
+
+def _frozen_graph_def(function):
+    """(GraphDef, indices of `function`'s captured inputs that became constants): the steps of
+    TensorFlow's `convert_variables_to_constants_v2` up to the frozen GraphDef.
+
+    That function goes on to import the GraphDef into a new concrete function, from which a
+    caller reads a GraphDef back: 11× the weights resident at its peak (ConvNeXtSmall), and a
+    function registered with the eager context for the rest of the process. The GraphDef is
+    all the conversion needs; the tensor names are those of `function`.
+    """
+    data = convert_to_constants._FunctionConverterDataInEager(
+        func=function, lower_control_flow=False, aggressive_inlining=True
+    )
+    return convert_to_constants._replace_variables_by_constants(converter_data=data)
 
 
 def _allow_inlining(graph_def):

@@ -222,27 +222,40 @@ def to_onnx(
     seconds = {}
     with _timed(seconds, "fold"):
         exported, fold_report = fold_batchnorm(model) if fold else (model, None)
-    with _timed(seconds, "convert"):
-        proto = convert(exported, opset=opset, input_names=input_names, output_names=output_names)
-        onnx.checker.check_model(proto, full_check=True)
-    float_node_count = unfolded_node_count = len(proto.graph.node)
-    if fold_report is not None and fold_report.folded:
-        unfolded_node_count = None
-        if baseline:
-            with _timed(seconds, "baseline"):
-                # Only its count is kept: the proto (the weights once more) goes at once.
-                unfolded_node_count = len(
-                    convert(model, opset=opset, output_names=output_names).graph.node
-                )
-    quantization = None
-    if int8 is not None:
-        with _timed(seconds, "quantize"):
-            proto, quantization = int8.quantize(
-                proto, keras_reference(model, specs), output_names
-            )
-
+    # The file is written first and everything after reads it, so the weights are held about
+    # once at a time: the checker and ONNX Runtime load the file themselves (a proto passed to
+    # them is serialized once more), and the proto goes as soon as its file exists (an int8
+    # export keeps it to quantize).
     with files.atomic_path(path) as temporary:
-        files.write_bytes(temporary, proto.SerializeToString())
+        with _timed(seconds, "convert"):
+            proto = convert(
+                exported, opset=opset, input_names=input_names, output_names=output_names
+            )
+            del exported  # a folded copy of the weights
+            float_node_count = unfolded_node_count = len(proto.graph.node)
+            _write_model(proto, temporary)
+            if int8 is None:
+                del proto
+            onnx.checker.check_model(temporary, full_check=True)
+        if fold_report is not None and fold_report.folded:
+            unfolded_node_count = None
+            if baseline:
+                with _timed(seconds, "baseline"):
+                    # Only its count is kept: the proto (the weights once more) goes at once.
+                    unfolded_node_count = len(
+                        convert(model, opset=opset, output_names=output_names).graph.node
+                    )
+        quantization = None
+        node_count = float_node_count
+        if int8 is not None:
+            with _timed(seconds, "quantize"):
+                proto, quantization = int8.quantize(
+                    proto, keras_reference(model, specs), output_names
+                )
+            node_count = len(proto.graph.node)
+            os.unlink(temporary)  # the float32 file: the int8 one takes its place
+            _write_model(proto, temporary)
+            del proto
         verification = None
         if batches:
             with _timed(seconds, "verify"):
@@ -250,7 +263,7 @@ def to_onnx(
         report = ExportReport(
             path=path,
             opset=opset,
-            node_count=len(proto.graph.node),
+            node_count=node_count,
             float_node_count=float_node_count,
             unfolded_node_count=unfolded_node_count,
             fold=fold_report,
@@ -267,6 +280,11 @@ def to_onnx(
         if quantization is not None and not quantization.passed:
             raise VerificationError(quantization.failure(), report)
     return report
+
+
+def _write_model(proto, path):
+    """Write `proto` to the new file `path`; its serialized copy is freed on return."""
+    files.write_bytes(path, proto.SerializeToString())
 
 
 @contextlib.contextmanager

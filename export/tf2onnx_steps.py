@@ -1,6 +1,7 @@
 """A frozen GraphDef to an ONNX `ModelProto`: tf2onnx's `from_graph_def`, one step at a time.
 
-    GraphDef ──optimize_graph_def: grappler as tf2onnx sets it up──► GraphDef
+    GraphDef ──grappler_request──► bytes ──optimize_graph_def: grappler as tf2onnx sets it up──►
+             GraphDef
              ──to_onnx_proto: tf.Graph ──process_tf_graph──► tf2onnx graph  (tf.Graph freed)
                               ──tf2onnx's optimizers, in their order──► tf2onnx graph
                               ──make_model──► ModelProto                  (tf2onnx graph freed)
@@ -23,6 +24,10 @@ after one conversion; ConvNeXtBase and InceptionResNetV2 passed 11 GiB) or vary 
   runtime (upb) keeps a message's memory in an arena that only grows while the message lives,
   so each round left one more copy of every weight behind. `_Compacting` gives each node fresh
   protos after each optimizer.
+- Its `tf_optimize` holds the GraphDef, a MetaGraphDef copy of it and that copy's serialization
+  while grappler runs (and grappler itself holds about 9 times what it reads, measured on
+  ConvNeXtSmall/Base): here the caller keeps only the serialized request (`grappler_request`),
+  and grappler is called on those bytes as TensorFlow's `tf_optimizer.OptimizeGraph` calls it.
 - The TensorFlow graph lived until the end; here each form is dropped as soon as the next
   exists, and collected at once when the graph is 16 MiB or more (`release`).
 - Node order came from memory addresses and a process-wide name counter, and the transpose
@@ -32,9 +37,11 @@ after one conversion; ConvNeXtBase and InceptionResNetV2 passed 11 GiB) or vary 
 tf2onnx's own `large_model=True` is no way out: 1.17 calls `numpy.product` there, which NumPy 2
 removed. What this module reads and sets of tf2onnx beyond `from_graph_def` (its step
 functions, its optimizer table, `Graph.extract_sub_graph_nodes`, a node's `_op` and `_attr`, the
-name counter `utils.INTERNAL_NAME`) is here only, and tests/test_tf2onnx_steps.py probes it: the
-result has `from_graph_def`'s operators and weights, conversions of a model are identical, an
-optimizer that raises is skipped as tf2onnx skips it, and the weights are held a few times.
+name counter `utils.INTERNAL_NAME`), and of TensorFlow beyond `tf_optimizer.OptimizeGraph` (its
+serialized entry point and lock), is here only, and tests/test_tf2onnx_steps.py probes it: the
+result has `from_graph_def`'s operators and weights, grappler gives what tf2onnx's
+`tf_optimize` gives, byte for byte, conversions of a model are identical, an optimizer that
+raises is skipped as tf2onnx skips it, and the weights are held a few times.
 """
 
 from __future__ import annotations
@@ -43,9 +50,13 @@ import gc
 
 import onnx
 import tensorflow as tf
+from tensorflow.core.framework import graph_pb2
+from tensorflow.core.protobuf import config_pb2
+from tensorflow.python.grappler import cluster as grappler_cluster
+from tensorflow.python.grappler import tf_optimizer
 from tensorflow.python.util import deprecation
 from tf2onnx import graph as tf2onnx_graph
-from tf2onnx import optimizer, tf_loader, tfonnx
+from tf2onnx import optimizer, tfonnx
 from tf2onnx import utils as tf2onnx_utils
 
 _FIRST_NAME_NUMBER = 1  # tf2onnx 1.17's `utils.INTERNAL_NAME` at import
@@ -62,12 +73,44 @@ def release(graph_bytes):
         gc.collect()
 
 
-def optimize_graph_def(graph_def, input_names, output_names):
-    """`graph_def` after grappler's constant folding and function inlining, as tf2onnx runs it."""
+def grappler_request(graph_def, input_names, output_names):
+    """The serialized MetaGraphDef that tf2onnx's `tf_optimize` hands grappler for `graph_def`.
+
+    Serialized here so that the caller can drop `graph_def` before grappler runs: tf2onnx's
+    `tf_optimize` holds the GraphDef, a MetaGraphDef copy of it and that copy's serialization
+    while grappler (itself 9× the weights at its peak, measured on ConvNeXtSmall) runs.
+    """
     # TensorFlow 1's API, which needs a graph (not eager) context; its deprecation notices
     # are no news to a user.
     with deprecation.silence(), tf.Graph().as_default():
-        return tf_loader.tf_optimize(input_names, output_names, graph_def)
+        meta_graph = tf.compat.v1.train.export_meta_graph(graph_def=graph_def)
+    meta_graph.collection_def["train_op"].node_list.value.extend(
+        list(input_names) + list(output_names)
+    )
+    return meta_graph.SerializeToString()
+
+
+def optimize_graph_def(request):
+    """The GraphDef grappler makes of `request` (from `grappler_request`): constant folding,
+    function inlining and dependency pruning, configured as tf2onnx 1.17's
+    `tf_loader.tf_optimize_grappler` configures them for TensorFlow 2, run as TensorFlow's
+    `tf_optimizer.OptimizeGraph` runs them, but on the bytes: no proto of the input is alive."""
+    config = config_pb2.ConfigProto()
+    config.graph_options.infer_shapes = True
+    rewrite_options = config.graph_options.rewrite_options
+    rewrite_options.optimizers[:] = ["constfold", "function", "dependency"]
+    # Keeps quantize/dequantize pairs around constants (tf2onnx reads them as int8 weights).
+    rewrite_options.experimental_disable_folding_quantization_emulation = True
+    with tf_optimizer._OPTIMIZE_GRAPH_CLUSTER_LOCK:
+        cluster = grappler_cluster.Cluster()
+        try:
+            optimized = tf_optimizer.tf_opt.TF_OptimizeGraphSerialized(
+                cluster.tf_cluster, config.SerializeToString(), request,
+                True, b"graph_to_optimize", False,  # verbose, graph id, strip default attributes
+            )
+        finally:
+            cluster.Shutdown()
+    return graph_pb2.GraphDef.FromString(optimized)
 
 
 def to_onnx_proto(graph_def, *, input_names, output_names, opset, renames, doc):
