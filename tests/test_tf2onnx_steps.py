@@ -17,10 +17,12 @@ import pytest
 import tensorflow as tf
 import tf2onnx
 from onnx import numpy_helper
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 from tensorflow.python.util import deprecation
 from tf2onnx import optimizer, tf_loader
 from tf2onnx.optimizer.optimizer_base import GraphOptimizerBase
 
+from kerasbn.export import convert as convert_module
 from kerasbn.export import signature, tf2onnx_steps
 from kerasbn.export.convert import convert, frozen_graph
 from tests.helpers import operators, randomize_bn, run_onnx
@@ -104,6 +106,41 @@ def test_an_optimizer_that_raises_is_skipped_as_from_graph_def_skips_it(monkeypa
     onnx.save(ours, tmp_path / "m.onnx")
     (got,) = run_onnx(tmp_path / "m.onnx", x)
     np.testing.assert_allclose(got, model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_freezing_gives_what_tensorflows_convert_variables_to_constants_gives():
+    # convert._frozen_graph_def runs TensorFlow's freezing up to the GraphDef (private steps of
+    # `convert_variables_to_constants_v2`): the same nodes and constants, and the same inputs
+    # once the captures that became constants are left out (a new TensorFlow that freezes
+    # otherwise fails here). The Normalization layer's captured constants are EfficientNet's
+    # case: they must become constants, not graph inputs.
+    x = inputs = keras.Input((4, 4, 3))
+    x = L.Normalization(mean=[0.1, 0.2, 0.3], variance=[1.0, 2.0, 3.0])(x)
+    x = L.BatchNormalization()(L.Conv2D(5, 3)(x))
+    model = keras.Model(inputs, L.Dense(2)(L.Flatten()(x)))
+    randomize_bn(model, np.random.default_rng(0))
+    function = tf.function(
+        lambda t: model(t, training=False), input_signature=[tf.TensorSpec((None, 4, 4, 3))]
+    ).get_concrete_function()
+    ours, constant_captures = convert_module._frozen_graph_def(function)
+    theirs = convert_variables_to_constants_v2(
+        function, lower_control_flow=False, aggressive_inlining=True
+    )
+
+    def nodes(graph_def):
+        return sorted((n.name, n.op, tuple(n.input)) for n in graph_def.node)
+
+    def constants(graph_def):
+        return sorted((n.name, tf.make_ndarray(n.attr["value"].tensor).tobytes())
+                      for n in graph_def.node if n.op == "Const")
+
+    assert nodes(ours) == nodes(theirs.graph.as_graph_def())
+    assert constants(ours) == constants(theirs.graph.as_graph_def())
+    captures = {id(function.graph.internal_captures[i]) for i in constant_captures}
+    assert len(captures) == len(function.inputs) - 1  # every capture: weights and constants
+    assert [t.name for t in function.inputs if id(t) not in captures] == [
+        t.name for t in theirs.inputs
+    ]
 
 
 def test_grappler_runs_as_tf2onnx_runs_it():
