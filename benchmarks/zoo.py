@@ -18,10 +18,10 @@ the same model is rebuilt in float64 and "f32 noise" is max |Keras float32 − K
 an export whose error is of that size is as right as Keras itself.
 
 Each architecture runs in processes of its own (memory comes back whole between models): one
-builds it and runs ours, another builds it again and measures the float32 noise and the peer,
-so that neither's memory adds to the other's (a row records each one's peak, `part_peak_gib`;
-`peak_gib` is the larger). This process watches them: one whose resident memory passes
-`--memory-limit` or that runs past `--timeout` is stopped and recorded as such.
+builds it and runs ours, a second builds it again and measures the float32 noise, a third the
+peer, so that no part's memory adds to another's (a row records each one's peak,
+`part_peak_gib`; `peak_gib` is the largest). This process watches them: one whose resident
+memory passes `--memory-limit` or that runs past `--timeout` is stopped and recorded as such.
 
     .venv/bin/python benchmarks/zoo.py                 # all of them (about an hour on 2 cores)
     .venv/bin/python benchmarks/zoo.py --quick         # the smallest of each family
@@ -167,9 +167,9 @@ def measure_peer(model, images, expected, directory):
 
 
 def run_child(args):
-    """Measures one part of one architecture: "ours" (the build and `to_onnx`) or "others"
-    (the float32 noise and, unless --no-peer, Keras's export); writes the result JSON after each
-    step, so a step that runs out of memory still leaves the steps before it."""
+    """Measures one part of one architecture: "ours" (the build and `to_onnx`), "noise" (the
+    float32 noise against the float64 twin) or "peer" (Keras's export); writes the result JSON
+    after each step, so a step that runs out of memory still leaves the steps before it."""
     result = {"name": args.child}
 
     def save():
@@ -195,19 +195,19 @@ def run_child(args):
             result["ours"] = measure_ours(model, images, expected, directory)
         save()
         return 0
-    try:
-        twin = float64_twin(model)
-        result["f32_noise"] = float(
-            np.max(np.abs(expected - twin.predict(images.astype("float64"), verbose=0)))
-        )
-        del twin
-    except Exception as error:  # noqa: BLE001
-        result["f32_noise_error"] = first_line(error)
-    save()
-    if not args.no_peer:
-        with tempfile.TemporaryDirectory() as directory:
-            result["peer"] = measure_peer(model, images, expected, directory)
+    if args.part == "noise":
+        try:
+            twin = float64_twin(model)
+            result["f32_noise"] = float(
+                np.max(np.abs(expected - twin.predict(images.astype("float64"), verbose=0)))
+            )
+        except Exception as error:  # noqa: BLE001
+            result["f32_noise_error"] = first_line(error)
         save()
+        return 0
+    with tempfile.TemporaryDirectory() as directory:
+        result["peer"] = measure_peer(model, images, expected, directory)
+    save()
     return 0
 
 
@@ -226,14 +226,15 @@ def resident_bytes(pid):
 
 
 def run_one(name, args):
-    """Runs the children for `name`: ours, then the float32 noise and Keras's export in a
-    process of their own (the float64 twin and Keras's export hold the weights many times over:
-    in one process with ours, their memory would add to ours), each stopped at the memory or
-    time limit; returns the row, with each process's peak resident memory."""
+    """Runs the children for `name`: ours, the float32 noise and Keras's export, each in a
+    process of its own (the float64 twin and Keras's export hold the weights many times over:
+    in one process, each one's memory would add to the next one's and the memory limit would
+    stop the last for what the others left), each stopped at the memory or time limit; returns
+    the row, with each process's peak resident memory."""
     result = {"name": name}
     start = time.perf_counter()
     peaks = {}
-    for part in ("ours", "others"):
+    for part in ("ours", "noise") if args.no_peer else ("ours", "noise", "peer"):
         measured, peaks[part], cause = _run_part(name, part, args)
         result.update(measured)
         if cause:
@@ -241,11 +242,10 @@ def run_one(name, args):
             if "size" not in result:
                 result["build"] = {"error": cause, "died": True}
                 break
-            if part == "others" and not {"f32_noise", "f32_noise_error"} & result.keys():
+            if part == "noise":
                 result["f32_noise_error"] = cause  # died in the float64 twin
                 continue
-            failed = "ours" if part == "ours" else "peer"
-            result[failed] = {**result.get(failed, {}), "error": cause, "died": True}
+            result[part] = {**result.get(part, {}), "error": cause, "died": True}
     result.update(seconds=time.perf_counter() - start, peak_gib=max(peaks.values()) / GIB,
                   part_peak_gib={part: peak / GIB for part, peak in peaks.items()})
     return result
@@ -257,8 +257,6 @@ def _run_part(name, part, args):
         result_path = file.name
     command = [sys.executable, os.path.abspath(__file__), "--child", name, "--part", part,
                "--size", str(args.size), "--result", result_path]
-    if args.no_peer:
-        command.append("--no-peer")
     start = time.perf_counter()
     peak, stopped = 0, None
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -483,7 +481,7 @@ def main(argv=None):
                         help="keep the rows already in --json; run the rest (and --only again)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--part", choices=("ours", "others"), default="ours",
+    parser.add_argument("--part", choices=("ours", "noise", "peer"), default="ours",
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.size < 1:
