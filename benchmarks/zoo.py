@@ -565,8 +565,9 @@ def report(results, planned, started, command, args):
     done = "" if len(results) == planned else f" Partial: {len(results)} of {planned} run."
     return "\n\n".join([
         SECTION,
-        f"Run {started:%Y-%m-%d %H:%M} UTC on {machine()}. Command: `{command}`; one process "
-        f"per architecture (memory limit {args.memory_limit:g} GiB); measured at "
+        f"Run {started:%Y-%m-%d %H:%M} UTC on {machine()}. Command: `{command}`; each "
+        f"architecture's parts in processes of their own (memory limit {args.memory_limit:g} "
+        f"GiB each); measured at "
         f"commit {', '.join(sorted({r.get('commit', '?') for r in results}))}.{done}",
         summary(results),
         table(sorted(results, key=lambda r: r["name"])),
