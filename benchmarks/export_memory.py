@@ -36,21 +36,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _zoo_models  # noqa: E402  (a sibling file, not an installed module)
+from _memory import reset_peak, status_bytes  # noqa: E402  (as above)
 
 GIB = 1 << 30
-
-
-def _status(field):
-    with open("/proc/self/status") as file:
-        for line in file:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak():
-    with open("/proc/self/clear_refs", "w") as file:
-        file.write("5")
 
 
 class Stages:
@@ -61,15 +49,15 @@ class Stages:
         self._open = []
 
     def _fold_peak(self):
-        peak = _status("VmHWM:")
+        peak = status_bytes("VmHWM")
         for row in self._open:
             row[3] = max(row[3], peak)
-        _reset_peak()
+        reset_peak()
 
     @contextlib.contextmanager
     def stage(self, name):
         self._fold_peak()
-        row = [name, len(self._open), _status("VmRSS:"), 0, 0]
+        row = [name, len(self._open), status_bytes("VmRSS"), 0, 0]
         row[3] = row[2]
         self.rows.append(row)
         self._open.append(row)
@@ -78,7 +66,7 @@ class Stages:
         finally:
             self._fold_peak()
             self._open.pop()
-            row[4] = _status("VmRSS:")
+            row[4] = status_bytes("VmRSS")
 
     def wrap(self, owner, attribute, name=None):
         """Replace `owner.attribute` (a function) by one that runs as a stage."""
@@ -108,7 +96,7 @@ class Stages:
 def watchdog(limit_bytes):
     def watch():
         while True:
-            if _status("VmRSS:") > limit_bytes:
+            if status_bytes("VmRSS") > limit_bytes:
                 print(f"export_memory: resident memory over {limit_bytes / GIB:g} GiB, stopped",
                       file=sys.stderr, flush=True)
                 os._exit(3)
@@ -184,8 +172,8 @@ def main(argv=None):
             with stages.stage("zoo: peer (Keras's export + ORT)"):
                 zoo.measure_peer(model, images, expected, directory)
     print(f"{args.name} at {size}×{size}: {model.count_params() / 1e6:.1f} M parameters, "
-          f"{weight_bytes / GIB:.3f} GiB of weights; process peak {_status('VmPeak:') / GIB:.1f} "
-          "GiB virtual")
+          f"{weight_bytes / GIB:.3f} GiB of weights; process peak "
+          f"{status_bytes('VmPeak') / GIB:.1f} GiB virtual")
     print(stages.table(weight_bytes))
     return 0
 

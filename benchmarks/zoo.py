@@ -64,6 +64,7 @@ from kerasbn.export.float64_reference import float64_twin
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _zoo_models  # noqa: E402  (a sibling file, not an installed module)
+from _memory import status_bytes  # noqa: E402  (as above)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 SECTION = "## Zoo: every `keras.applications` architecture (`benchmarks/zoo.py`)"
@@ -214,17 +215,6 @@ def run_child(args):
 # --- the parent: one process per architecture, watched ------------------------------------------
 
 
-def resident_bytes(pid):
-    try:
-        with open(f"/proc/{pid}/status") as file:
-            for line in file:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except FileNotFoundError:
-        pass
-    return 0
-
-
 def run_one(name, args):
     """Runs the children for `name`: ours, the float32 noise and Keras's export, each in a
     process of its own (the float64 twin and Keras's export hold the weights many times over:
@@ -265,7 +255,7 @@ def _run_part(name, part, args):
         stderr_lines = []
         reader = _drain(child, stderr_lines)
         while child.poll() is None:
-            rss = resident_bytes(child.pid)
+            rss = status_bytes("VmRSS", child.pid) or 0  # 0: it has just ended
             peak = max(peak, rss)
             if rss > args.memory_limit * GIB:
                 stopped = f"stopped: resident memory over {args.memory_limit:g} GiB"

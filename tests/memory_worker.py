@@ -24,6 +24,7 @@ import sys
 import keras
 import numpy as np
 
+from benchmarks._memory import reset_peak, status_bytes
 from kerasbn.export import to_onnx
 
 WIDTH = 2048
@@ -38,19 +39,13 @@ def model():
     return keras.Model(inputs, layers.Dense(4)(x))
 
 
-def _status(field):
-    with open("/proc/self/status") as file:
-        return next(int(line.split()[1]) * 1024 for line in file if line.startswith(field))
-
-
 def main(path):
     exported = model()
     weights = sum(np.asarray(w).nbytes for w in exported.weights)
-    with open("/proc/self/clear_refs", "w") as file:
-        file.write("5")  # the high-water mark from here on
-    start = _status("VmRSS:")
+    reset_peak()  # the high-water mark from here on
+    start = status_bytes("VmRSS")
     to_onnx(exported, path, random_samples=2)
-    print(json.dumps({"growth": _status("VmHWM:") - start, "weights": weights}))
+    print(json.dumps({"growth": status_bytes("VmHWM") - start, "weights": weights}))
     return 0
 
 

@@ -22,6 +22,7 @@ from tensorflow.python.util import deprecation
 from tf2onnx import optimizer, tf_loader
 from tf2onnx.optimizer.optimizer_base import GraphOptimizerBase
 
+from benchmarks._memory import status_bytes
 from kerasbn.export import convert as convert_module
 from kerasbn.export import signature, tf2onnx_steps
 from kerasbn.export.convert import convert, frozen_graph
@@ -225,11 +226,10 @@ class _PeakResidentMemory:
 
 
 def _resident_bytes():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    pytest.skip("no /proc/self/status: resident memory cannot be read here")
+    resident = status_bytes("VmRSS")
+    if resident is None:
+        pytest.skip("no /proc/self/status: resident memory cannot be read here")
+    return resident
 
 
 # Measured with tests/memory_worker.py (2 CPU cores, TF 2.21, tf2onnx 1.17; 12 s): to_onnx's peak
